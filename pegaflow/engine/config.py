@@ -1,0 +1,121 @@
+"""The engine's configuration and one vLLM instance's geometry, validated on construction."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+# Per direction and per device: the save path and the load path each hold one staging buffer
+# of this size, split in two halves so that gathering chunk k+1 overlaps the DMA of chunk k.
+# A 16 MiB half moves in ~0.3 ms at 55 GB/s, long enough that the per-chunk launch and event
+# cost (~10-20 us) stays under a few percent, short enough that one gather launch is a brief
+# SM burst; bench/engine.py --staging-sweep measures the choice.
+DEFAULT_STAGING_BYTES = 32 << 20
+# Threads that first-touch the pool: page faults are per-core work, 16 cores on the GPU host.
+DEFAULT_PIN_THREADS = min(16, os.cpu_count() or 1)
+SAVE_MODES = ("staged", "zero_copy")
+# vLLM's default block hash (sha256) is 32 bytes; xxhash variants are 8 or 16.
+DEFAULT_HASH_BYTES = 32
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How big the pool is, which GPUs it serves, and how transfers run.
+
+    ``devices=()`` is CPU mode: plain memory and the torch reference copies, no CUDA at all.
+    """
+
+    pool_bytes: int
+    devices: tuple[int, ...] = ()
+    staging_bytes: int = DEFAULT_STAGING_BYTES
+    write_timeout_s: float = 30.0
+    save_mode: str = "staged"
+    pin_threads: int = DEFAULT_PIN_THREADS
+
+    def __post_init__(self) -> None:
+        _check_int("pool_bytes", self.pool_bytes, 1)
+        if not isinstance(self.devices, tuple):
+            raise ValueError(f"devices must be a tuple of ints, got {self.devices!r}")
+        for d in self.devices:
+            _check_int("devices[]", d, 0)
+        if len(set(self.devices)) != len(self.devices):
+            raise ValueError(f"devices holds a duplicate: {self.devices!r}")
+        _check_int("staging_bytes", self.staging_bytes, 2)
+        if not isinstance(self.write_timeout_s, (int, float)) or not self.write_timeout_s > 0:
+            raise ValueError(f"write_timeout_s must be > 0, got {self.write_timeout_s!r}")
+        if self.save_mode not in SAVE_MODES:
+            raise ValueError(f"save_mode must be one of {SAVE_MODES}, got {self.save_mode!r}")
+        _check_int("pin_threads", self.pin_threads, 1)
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """One vLLM instance's KV geometry: what one block of one rank looks like.
+
+    ``page_bytes`` are one rank's region page sizes in region order; a block of one rank is
+    those pages back to back (``block_bytes``), which is also its slot size in the pool.
+    ``replicated`` (MLA): every rank holds identical pages, so the block is stored once and
+    rank 0's copy serves all ranks.
+    """
+
+    instance_id: str
+    model: str
+    kv_dtype: str
+    layout: str
+    block_size: int
+    page_bytes: tuple[int, ...]
+    tp_size: int = 1
+    replicated: bool = False
+    hash_bytes: int = DEFAULT_HASH_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("instance_id", "model", "kv_dtype", "layout"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+        _check_int("block_size", self.block_size, 1)
+        if not isinstance(self.page_bytes, tuple) or not self.page_bytes:
+            raise ValueError(f"page_bytes must be a non-empty tuple of ints, got {self.page_bytes!r}")
+        for p in self.page_bytes:
+            _check_int("page_bytes[]", p, 1)
+        _check_int("tp_size", self.tp_size, 1)
+        if not isinstance(self.replicated, bool):
+            raise ValueError(f"replicated must be a bool, got {self.replicated!r}")
+        _check_int("hash_bytes", self.hash_bytes, 1)
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block of one rank: the slot size."""
+        return sum(self.page_bytes)
+
+    @property
+    def stored_ranks(self) -> int:
+        """How many slots one block takes: 1 if replicated, else ``tp_size``."""
+        return 1 if self.replicated else self.tp_size
+
+    @property
+    def namespace(self) -> str:
+        """A fingerprint of everything but ``instance_id``.
+
+        Two instances of the same model and geometry share blocks; two models, dtypes,
+        layouts, block sizes, page geometries or TP layouts never do.
+        """
+        fields = {
+            "model": self.model,
+            "kv_dtype": self.kv_dtype,
+            "layout": self.layout,
+            "block_size": self.block_size,
+            "page_bytes": list(self.page_bytes),
+            "tp_size": self.tp_size,
+            "replicated": self.replicated,
+            "hash_bytes": self.hash_bytes,
+        }
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+        return f"{self.model}@{digest[:16]}"

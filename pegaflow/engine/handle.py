@@ -1,0 +1,88 @@
+"""What a save or load returns: a handle to poll, wait on or be called back from."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """The outcome of one save or load.
+
+    ``skipped`` (save): indices into the call's blocks that were not saved because the block
+    was already held or the pool had no room; not an error. ``missing`` (load): indices whose
+    hash was not held and ready; the load is then ``ok=False`` and nothing was loaded for them.
+    """
+
+    ok: bool
+    num_blocks: int
+    nbytes: int
+    skipped: tuple[int, ...] = ()
+    missing: tuple[int, ...] = ()
+    error: str | None = None
+
+
+class TransferHandle:
+    """Completion of one transfer.
+
+    ``event`` (GPU mode) is recorded on the engine's stream after the copy: another stream can
+    wait on it. It is ``None`` in CPU mode and for transfers that launched no copy.
+    """
+
+    def __init__(self, event: Any = None) -> None:
+        self.event = event
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._result: TransferResult | None = None
+        self._callbacks: list[Callable[[TransferResult], None]] = []
+
+    def done(self) -> bool:
+        """True once the transfer has completed (or failed)."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> TransferResult:
+        """The result, waiting up to ``timeout`` seconds; ``TimeoutError`` past it."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"transfer not done after {timeout} s")
+        assert self._result is not None
+        return self._result
+
+    def add_done_callback(self, fn: Callable[[TransferResult], None]) -> None:
+        """Call ``fn(result)`` once: from an engine thread, or at once if already done."""
+        with self._lock:
+            if self._result is None:
+                self._callbacks.append(fn)
+                return
+            result = self._result
+        _call(fn, result)
+
+    def _complete(self, result: TransferResult) -> None:
+        """Engine side: set the result, wake waiters, run callbacks (once)."""
+        with self._lock:
+            if self._result is not None:
+                return
+            self._result = result
+            callbacks, self._callbacks = self._callbacks, []
+        self._done.set()
+        for fn in callbacks:
+            _call(fn, result)
+
+    @classmethod
+    def completed(cls, result: TransferResult, event: Any = None) -> TransferHandle:
+        handle = cls(event)
+        handle._complete(result)
+        return handle
+
+
+def _call(fn: Callable[[TransferResult], None], result: TransferResult) -> None:
+    # A failing callback belongs to its caller; it must not kill the engine's completion thread.
+    try:
+        fn(result)
+    except Exception:
+        logger.exception("transfer done-callback %r raised", fn)
