@@ -128,18 +128,20 @@ def _storage_bytes_view(tensor: torch.Tensor) -> torch.Tensor:
     )
 
 
-def region_from_view(view: torch.Tensor, page_dims: int | None = None) -> Region:
+def region_from_view(view: torch.Tensor) -> Region:
     """The region of a per-layer view whose first dimension is the block.
 
-    The rest of the view (one block) must be one contiguous run of bytes, as it is for every
-    vLLM 0.33 layout except ``LHBNC``.
+    The rest of the view (one block) must be one contiguous run of bytes, in any dim order, as
+    it is for every vLLM 0.33 layout except ``LHBNC`` and ``BHLNC``.
     """
     if view.dim() < 2:
         raise ValueError(f"view must have a block dimension and a page, got shape {tuple(view.shape)}")
-    inner_shape = view.shape[1:]
+    # Dense in some order, not necessarily the logical one: the NHC layouts store the token
+    # dim outside the head dim of a [B, H, N, C] view.
+    dims = sorted((stride, size) for size, stride in zip(view.shape[1:], view.stride()[1:]) if size != 1)
     expected = 1
-    for size, stride in reversed(list(zip(inner_shape, view.stride()[1:]))):
-        if size != 1 and stride != expected:
+    for stride, size in dims:
+        if stride != expected:
             raise ValueError(
                 f"one block of the view (shape {tuple(view.shape)}, strides {view.stride()}) "
                 "is not contiguous: such a layout needs one region per contiguous run"
