@@ -103,6 +103,21 @@ class SlotAllocator:
             end += self._remove(next_start)
         self._insert(offset, end - offset)
 
+    def reserve(self, offset: int, nbytes: int) -> None:
+        """Take the specific free range ``[offset, offset + nbytes)`` (to undo a free)."""
+        i = self._by_start.bisect_right(offset)
+        if not i:
+            raise ValueError(f"reserve of [{offset}, {offset + nbytes}): not free")
+        start = self._by_start.keys()[i - 1]
+        length = self._by_start[start]
+        if offset + nbytes > start + length:
+            raise ValueError(f"reserve of [{offset}, {offset + nbytes}): not free")
+        self._remove(start)
+        if offset > start:
+            self._insert(start, offset - start)
+        if start + length > offset + nbytes:
+            self._insert(offset + nbytes, start + length - offset - nbytes)
+
     # -- internals --------------------------------------------------------------------------
 
     def _slots_available(self, count: int, slot_bytes: int) -> int:

@@ -1,44 +1,151 @@
 """The engine: a pinned pool, a block index, and save/load transfers between them and vLLM's
-KV caches. A plain in-process API, thread-safe; the server wraps it."""
+KV caches. A plain in-process API, thread-safe; the server wraps it.
+
+Every call validates its input completely (raising ``ValueError`` naming the bad argument)
+before it changes the index or launches a copy.
+"""
 
 from __future__ import annotations
 
 import logging
+import operator
+import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from pegaflow.engine.config import EngineConfig, InstanceSpec
-from pegaflow.engine.handle import TransferHandle
+from pegaflow.engine.handle import TransferHandle, TransferResult
+from pegaflow.engine.index import BlockIndex, LoadPlan
+from pegaflow.engine.pool import PinnedPool
+from pegaflow.engine.transfer import LOAD, SAVE, CopyJob, CpuLane, GpuLane
 from pegaflow.kernels import KVRegions
 
 logger = logging.getLogger(__name__)
+
+# Slots start on 256-byte boundaries whatever the mix of instances' block sizes, so the
+# kernels always copy in their widest words and DMAs stay aligned.
+SLOT_ALIGN = 256
+
+
+def _slot_bytes(block_bytes: int) -> int:
+    return -(-block_bytes // SLOT_ALIGN) * SLOT_ALIGN
+
+
+@dataclass(eq=False)
+class _PinnedLoad:
+    """A load's pins, released exactly once (at completion, or earlier by unregister)."""
+
+    plan: LoadPlan
+    released: bool = False
+
+
+@dataclass(eq=False)
+class _Instance:
+    spec: InstanceSpec
+    namespace: str
+    slot_bytes: int
+    kv: dict[int, tuple[KVRegions, Any]] = field(default_factory=dict)  # rank -> (regions, lane)
+    loads: set[_PinnedLoad] = field(default_factory=set)
 
 
 class Engine:
     """Owns the pool and the index; moves blocks with the copy kernels."""
 
     def __init__(self, config: EngineConfig) -> None:
-        """Allocate (and in GPU mode pin) the pool; start the completion threads."""
-        raise NotImplementedError
+        """Allocate (and in GPU mode pin) the pool; start the transfer threads."""
+        if not isinstance(config, EngineConfig):
+            raise ValueError(f"config must be an EngineConfig, got {type(config).__name__}")
+        if config.devices and not torch.cuda.is_available():
+            raise ValueError(f"devices={config.devices} given but CUDA is not available (use devices=() for CPU mode)")
+        for d in config.devices:
+            if d >= torch.cuda.device_count():
+                raise ValueError(f"device {d} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        self.config = config
+        self._lock = threading.Lock()
+        self._closed = False
+        self._instances: dict[str, _Instance] = {}
+        self._counters = {
+            "saves": 0, "loads": 0, "bytes_saved": 0, "bytes_loaded": 0, "blocks_saved": 0,
+            "blocks_loaded": 0, "skipped_saves": 0, "failed_saves": 0, "failed_loads": 0, "load_missing": 0,
+        }  # fmt: skip
+        self.pool = PinnedPool(config.pool_bytes, pin=bool(config.devices), threads=config.pin_threads)
+        self.index = BlockIndex(config.pool_bytes, config.write_timeout_s)
+        self._lanes: dict[int | None, Any] = {}
+        if config.devices:
+            zero_copy = config.save_mode == "zero_copy"
+            for d in config.devices:
+                self._lanes[d] = GpuLane(d, self.pool.tensor, config.staging_bytes, zero_copy)
+        else:
+            self._lanes[None] = CpuLane(self.pool.tensor)
+        logger.info("engine ready: pool %d bytes, devices %s, save mode %s", config.pool_bytes,
+                    config.devices or "cpu", config.save_mode)
+
+    # -- registration -------------------------------------------------------------------
 
     def register_instance(self, spec: InstanceSpec) -> str:
         """Record an instance's geometry; returns its namespace.
 
         Registering the same spec again is fine; the same id with another spec is a ValueError.
         """
-        raise NotImplementedError
+        if not isinstance(spec, InstanceSpec):
+            raise ValueError(f"spec must be an InstanceSpec, got {type(spec).__name__}")
+        with self._lock:
+            self._check_open()
+            known = self._instances.get(spec.instance_id)
+            if known is not None:
+                if known.spec != spec:
+                    raise ValueError(f"instance {spec.instance_id!r} is registered with another spec: {known.spec}")
+                return known.namespace
+            self._instances[spec.instance_id] = _Instance(spec, spec.namespace, _slot_bytes(spec.block_bytes))
+            logger.info("instance %s registered (namespace %s)", spec.instance_id, spec.namespace)
+            return spec.namespace
 
     def register_kv(self, instance_id: str, rank: int, kv: KVRegions, device: int | None = None) -> None:
         """Register rank ``rank``'s KV cache regions (``kv.block_bytes`` must equal the spec's)."""
-        raise NotImplementedError
+        with self._lock:
+            self._check_open()
+            inst = self._instance(instance_id)
+            self._check_rank(inst, rank)
+            if not isinstance(kv, KVRegions):
+                raise ValueError(f"kv must be KVRegions, got {type(kv).__name__}")
+            if kv.block_bytes != inst.spec.block_bytes:
+                raise ValueError(
+                    f"kv.block_bytes ({kv.block_bytes}) differs from instance {instance_id!r}'s "
+                    f"block_bytes ({inst.spec.block_bytes})"
+                )
+            inst.kv[rank] = (kv, self._lane_for(kv, device))
 
     def unregister_kv(self, instance_id: str, rank: int) -> None:
-        """Forget one rank's KV cache (after its in-flight copies)."""
-        raise NotImplementedError
+        """Forget one rank's KV cache; copies already in flight keep its memory alive and finish."""
+        with self._lock:
+            inst = self._instance(instance_id)
+            self._check_rank(inst, rank)
+            inst.kv.pop(rank, None)
+
+    def unregister(self, instance_id: str) -> None:
+        """Forget an instance and release every pin it holds; its stored blocks stay (they
+        belong to the namespace). Its copies in flight still finish; a load whose pins were
+        released may then read slots that a later save reuses, which only the departed
+        instance would see."""
+        with self._lock:
+            inst = self._instance(instance_id)
+            del self._instances[instance_id]
+            loads, inst.loads = list(inst.loads), set()
+        for pinned in loads:
+            self._release(pinned)
+        logger.info("instance %s unregistered (%d pinned loads released)", instance_id, len(loads))
+
+    # -- queries and transfers ----------------------------------------------------------
 
     def query(self, instance_id: str, hashes: Sequence[bytes]) -> int:
         """Length of the longest prefix of ``hashes`` ready on every rank (rank 0 if replicated)."""
-        raise NotImplementedError
+        with self._lock:
+            inst = self._instance(instance_id)
+        self._check_hashes(inst, hashes)
+        return self.index.query(inst.namespace, hashes)
 
     def save(
         self,
@@ -51,25 +158,194 @@ class Engine:
         """Copy blocks ``block_ids`` of the rank's KV cache into the pool under ``hashes``.
 
         The copy starts after ``after_event`` (a CUDA event recorded after the forward that
-        wrote the blocks). Held blocks and blocks without room are skipped (``result.skipped``).
+        wrote the blocks). Held blocks and blocks without room are skipped (``result.skipped``);
+        the entries become READY once every rank's copy has completed.
         """
-        raise NotImplementedError
+        inst, kv, lane, ids = self._check_transfer(instance_id, rank, block_ids, hashes)
+        spec = inst.spec
+        plan = self.index.prepare_save(
+            inst.namespace, hashes, 0 if spec.replicated else rank, spec.stored_ranks, inst.slot_bytes
+        )
+        with self._lock:
+            self._counters["saves"] += 1
+            self._counters["skipped_saves"] += len(plan.skipped)
+        if not plan.writes:
+            return TransferHandle.completed(TransferResult(True, 0, 0, skipped=plan.skipped))
+        handle = TransferHandle(lane.new_event() if isinstance(lane, GpuLane) else None)
+        count = len(plan.writes)
+
+        def finish(ok: bool, error: str | None) -> None:
+            self.index.complete_save(plan, ok)
+            with self._lock:
+                if ok:
+                    self._counters["bytes_saved"] += count * spec.block_bytes
+                    self._counters["blocks_saved"] += count
+                else:
+                    self._counters["failed_saves"] += 1
+            handle._complete(
+                TransferResult(ok, count if ok else 0, count * spec.block_bytes if ok else 0, plan.skipped, error=error)
+            )
+
+        job = CopyJob(SAVE, kv, [ids[i] for i, _ in plan.writes], plan.offsets(), inst.slot_bytes, handle,
+                      finish, after_event)  # fmt: skip
+        lane.submit(job)
+        return handle
 
     def load(self, instance_id: str, rank: int, block_ids: Sequence[int], hashes: Sequence[bytes]) -> TransferHandle:
         """Copy the pool's blocks ``hashes`` into blocks ``block_ids`` of the rank's KV cache.
 
-        A hash not held and ready makes the result ``ok=False`` with its index in ``missing``.
+        A hash not held and ready makes the result ``ok=False`` with its index in ``missing``;
+        the others are still loaded. Entries stay pinned (never evicted) for the copy's duration.
         """
-        raise NotImplementedError
+        inst, kv, lane, ids = self._check_transfer(instance_id, rank, block_ids, hashes)
+        if len(set(ids)) != len(ids):
+            raise ValueError("block_ids holds duplicates: two loads would write the same block")
+        spec = inst.spec
+        plan = self.index.prepare_load(inst.namespace, hashes, 0 if spec.replicated else rank)
+        missing_error = f"{len(plan.missing)} of {len(ids)} blocks not held" if plan.missing else None
+        with self._lock:
+            self._counters["loads"] += 1
+            self._counters["load_missing"] += len(plan.missing)
+            if not plan.reads:
+                return TransferHandle.completed(
+                    TransferResult(not plan.missing, 0, 0, missing=plan.missing, error=missing_error)
+                )
+            pinned = _PinnedLoad(plan)
+            inst.loads.add(pinned)
+        handle = TransferHandle(lane.new_event() if isinstance(lane, GpuLane) else None)
+        count = len(plan.reads)
 
-    def unregister(self, instance_id: str) -> None:
-        """Forget an instance and release its pins; its stored blocks stay (they belong to the namespace)."""
-        raise NotImplementedError
+        def finish(ok: bool, error: str | None) -> None:
+            with self._lock:
+                inst.loads.discard(pinned)
+            if not ok:
+                self.index.forget(plan)  # stop advertising what could not be loaded
+            self._release(pinned)
+            with self._lock:
+                if ok:
+                    self._counters["bytes_loaded"] += count * spec.block_bytes
+                    self._counters["blocks_loaded"] += count
+                else:
+                    self._counters["failed_loads"] += 1
+            handle._complete(
+                TransferResult(ok and not plan.missing, count if ok else 0, count * spec.block_bytes if ok else 0,
+                               missing=plan.missing, error=error or missing_error)  # fmt: skip
+            )
+
+        job = CopyJob(LOAD, kv, [ids[i] for i, _ in plan.reads], plan.offsets(), inst.slot_bytes, handle, finish)
+        lane.submit(job)
+        return handle
 
     def stats(self) -> dict[str, int | float]:
         """Counters: hits, misses, bytes_saved, bytes_loaded, evictions, skipped_saves, pool_used, pool_free, ..."""
-        raise NotImplementedError
+        out: dict[str, int | float] = dict(self.index.stats())
+        with self._lock:
+            out.update(self._counters)
+            out["instances"] = len(self._instances)
+            out["loads_pinned"] = sum(len(i.loads) for i in self._instances.values())
+        out["pool_bytes"] = self.config.pool_bytes
+        return out
 
     def close(self) -> None:
-        """Wait for in-flight transfers, stop the threads, unpin and free the pool."""
-        raise NotImplementedError
+        """Finish the transfers in flight, stop the threads, unpin and free the pool."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        for lane in self._lanes.values():
+            lane.close()
+        self.pool.close()
+        logger.info("engine closed")
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _release(self, pinned: _PinnedLoad) -> None:
+        with self._lock:
+            if pinned.released:
+                return
+            pinned.released = True
+        self.index.unpin(pinned.plan)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+
+    def _instance(self, instance_id: str) -> _Instance:
+        inst = self._instances.get(instance_id) if isinstance(instance_id, str) else None
+        if inst is None:
+            raise ValueError(f"unknown instance {instance_id!r}")
+        return inst
+
+    @staticmethod
+    def _check_rank(inst: _Instance, rank: int) -> None:
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < inst.spec.tp_size:
+            raise ValueError(f"rank {rank!r} out of range [0, {inst.spec.tp_size}) for instance {inst.spec.instance_id!r}")
+
+    def _lane_for(self, kv: KVRegions, device: int | None) -> Any:
+        if not self.config.devices:
+            if kv.device.type != "cpu":
+                raise ValueError(f"the engine runs in CPU mode; kv is on {kv.device}")
+            if device is not None:
+                raise ValueError(f"device={device} given, but the engine runs in CPU mode")
+            return self._lanes[None]
+        if kv.device.type != "cuda":
+            raise ValueError(f"kv is on {kv.device}; the engine serves CUDA devices {self.config.devices}")
+        index = kv.device.index
+        if device is not None and device != index:
+            raise ValueError(f"device={device} but kv is on cuda:{index}")
+        if index not in self._lanes:
+            raise ValueError(f"kv is on cuda:{index}, not one of the engine's devices {self.config.devices}")
+        return self._lanes[index]
+
+    @staticmethod
+    def _check_hashes(inst: _Instance, hashes: Sequence[bytes]) -> None:
+        if isinstance(hashes, (str, bytes)) or not isinstance(hashes, Sequence):
+            raise ValueError(f"hashes must be a sequence of bytes, got {type(hashes).__name__}")
+        size = inst.spec.hash_bytes
+        for i, h in enumerate(hashes):
+            if type(h) is not bytes or len(h) != size:
+                raise ValueError(
+                    f"hashes[{i}] must be {size} bytes (instance {inst.spec.instance_id!r}), got {h!r:.60}"
+                )
+
+    def _check_transfer(
+        self, instance_id: str, rank: int, block_ids: Sequence[int], hashes: Sequence[bytes]
+    ) -> tuple[_Instance, KVRegions, Any, list[int]]:
+        with self._lock:
+            self._check_open()
+            inst = self._instance(instance_id)
+            self._check_rank(inst, rank)
+            registered = inst.kv.get(rank)
+        if registered is None:
+            raise ValueError(f"rank {rank} of instance {instance_id!r} has no registered KV cache")
+        kv, lane = registered
+        self._check_hashes(inst, hashes)
+        ids = _check_block_ids(block_ids, kv.num_blocks)
+        if len(ids) != len(hashes):
+            raise ValueError(f"block_ids has {len(ids)} ids, hashes {len(hashes)}: lengths differ")
+        return inst, kv, lane, ids
+
+
+def _check_block_ids(block_ids: Sequence[int], num_blocks: int) -> list[int]:
+    if isinstance(block_ids, torch.Tensor):
+        block_ids = block_ids.tolist()
+    if isinstance(block_ids, (str, bytes)) or not isinstance(block_ids, Sequence):
+        raise ValueError(f"block_ids must be a sequence of ints, got {type(block_ids).__name__}")
+    ids = []
+    for b in block_ids:
+        if isinstance(b, bool):
+            raise ValueError(f"block_ids holds {b!r}, not an int")
+        try:
+            b = operator.index(b)
+        except TypeError:
+            raise ValueError(f"block_ids holds {b!r}, not an int") from None
+        if not 0 <= b < num_blocks:
+            raise ValueError(f"block_ids holds {b}, out of range [0, {num_blocks})")
+        ids.append(b)
+    return ids

@@ -29,18 +29,32 @@ class TransferResult:
 
 
 class TransferHandle:
-    """Completion of one transfer.
+    """Completion of one transfer: poll it, wait on it, or be called back.
 
     ``event`` (GPU mode) is recorded on the engine's stream after the copy: another stream can
-    wait on it. It is ``None`` in CPU mode and for transfers that launched no copy.
+    wait on it. It is ``None`` in CPU mode and for transfers that launched no copy. Copies are
+    enqueued by an engine thread, so reading ``event`` waits (briefly) until it is recorded:
+    a wait on an event not yet recorded would wait for nothing.
     """
 
     def __init__(self, event: Any = None) -> None:
-        self.event = event
+        self._event = event
+        self._launched = threading.Event()  # the event has been recorded (or there is none)
+        if event is None:
+            self._launched.set()
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._result: TransferResult | None = None
         self._callbacks: list[Callable[[TransferResult], None]] = []
+
+    @property
+    def event(self) -> Any:
+        """The completion event; waits until the transfer has been enqueued (so it is recorded)."""
+        self._launched.wait()
+        return self._event
+
+    def _mark_launched(self) -> None:
+        self._launched.set()
 
     def done(self) -> bool:
         """True once the transfer has completed (or failed)."""
@@ -69,6 +83,7 @@ class TransferHandle:
                 return
             self._result = result
             callbacks, self._callbacks = self._callbacks, []
+        self._launched.set()
         self._done.set()
         for fn in callbacks:
             _call(fn, result)

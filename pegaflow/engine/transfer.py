@@ -1,0 +1,300 @@
+"""Copies between registered KV caches and pool slots: one lane per device (or the CPU).
+
+A GPU lane has a save path and a load path that run at the same time, each on two streams:
+an SM stream for the short Triton gathers/scatters and a DMA stream for the copy-engine
+copies, through two GPU staging buffers so that gathering chunk k+1 overlaps the DMA of
+chunk k (``staged``). ``zero_copy`` has the kernel write (read) the pinned pool directly,
+one launch per chunk. Each path has a launcher thread that enqueues the work and a
+completion thread that waits for each job's event and reports it: the caller never blocks
+on the GPU, and an entry becomes READY only after its copy has completed.
+
+A CPU lane runs the torch reference copies in a thread per direction.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pegaflow.engine.handle import TransferHandle
+from pegaflow.kernels import KVRegions, copier_for
+
+logger = logging.getLogger(__name__)
+
+SAVE = "save"
+LOAD = "load"
+
+
+@dataclass(eq=False)
+class CopyJob:
+    """Blocks ``block_ids[j]`` of ``kv`` <-> the pool slot at byte ``offsets[j]``."""
+
+    direction: str
+    kv: KVRegions
+    block_ids: list[int]
+    offsets: list[int]
+    slot_bytes: int
+    handle: TransferHandle
+    finish: Callable[[bool, str | None], None]  # engine bookkeeping; completes the handle
+    after_event: Any = None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Blocks ``[first, first + count)`` of a job, in consecutive slots from ``offset``."""
+
+    first: int
+    offset: int
+    count: int
+
+
+def pieces(offsets: list[int], slot_bytes: int, max_count: int) -> list[Piece]:
+    """Split a job's slots into runs of consecutive slots of at most ``max_count`` blocks."""
+    out: list[Piece] = []
+    start = 0
+    for j in range(1, len(offsets) + 1):
+        if (
+            j == len(offsets)
+            or offsets[j] != offsets[j - 1] + slot_bytes
+            or j - start == max_count
+        ):
+            out.append(Piece(start, offsets[start], j - start))
+            start = j
+    return out
+
+
+def chunks(offsets: list[int], slot_bytes: int, max_count: int) -> list[list[Piece]]:
+    """Chunks of at most ``max_count`` blocks, each a list of consecutive-slot pieces."""
+    out = []
+    for first in range(0, len(offsets), max_count):
+        part = pieces(offsets[first : first + max_count], slot_bytes, max_count)
+        out.append([Piece(p.first + first, p.offset, p.count) for p in part])
+    return out
+
+
+class _Worker:
+    """One thread running queued callables in order."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, item: Callable[[], None]) -> None:
+        self._queue.put(item)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                item()
+            except Exception:  # a bug in bookkeeping must not stop the lane
+                logger.exception("engine worker %s: task failed", self._thread.name)
+
+
+def _fail(job: CopyJob, exc: BaseException) -> None:
+    logger.error("%s of %d blocks failed: %s", job.direction, len(job.block_ids), exc)
+    job.finish(False, f"{type(exc).__name__}: {exc}")
+
+
+class CpuLane:
+    """Reference copies between CPU KV caches and the (unpinned) pool."""
+
+    def __init__(self, pool: torch.Tensor) -> None:
+        self._pool = pool
+        self._workers = {SAVE: _Worker("pegaflow-cpu-save"), LOAD: _Worker("pegaflow-cpu-load")}
+
+    def submit(self, job: CopyJob) -> None:
+        self._workers[job.direction].put(lambda: self._run(job))
+
+    def _run(self, job: CopyJob) -> None:
+        from pegaflow.kernels import reference
+
+        try:
+            for p in pieces(job.offsets, job.slot_bytes, len(job.offsets)):
+                ids = job.block_ids[p.first : p.first + p.count]
+                dst = self._pool[p.offset : p.offset + p.count * job.slot_bytes]
+                slots = list(range(p.count))
+                if job.direction == SAVE:
+                    reference.gather_into_slots(job.kv, ids, dst, slots, job.slot_bytes)
+                else:
+                    reference.scatter_from_slots(job.kv, ids, dst, slots, job.slot_bytes)
+        except Exception as exc:
+            _fail(job, exc)
+            return
+        job.finish(True, None)
+
+    def close(self) -> None:
+        for worker in self._workers.values():
+            worker.close()
+
+
+class _Path:
+    """One direction of a GPU lane: its streams, staging buffers, launcher and completer."""
+
+    def __init__(self, direction: str, device: torch.device, staging_bytes: int) -> None:
+        self.direction = direction
+        self.device = device
+        self.sm = torch.cuda.Stream(device)
+        self.dma = torch.cuda.Stream(device)
+        self.half = max(1, staging_bytes // 2)
+        self.staging: list[torch.Tensor] = []
+        # ready[b]: buffer b's producer finished; free[b]: its consumer finished (reusable).
+        self.ready = [torch.cuda.Event(), torch.cuda.Event()]
+        self.free = [torch.cuda.Event(), torch.cuda.Event()]
+        self.launcher = _Worker(f"pegaflow-{direction}-launch-{device.index}")
+        self.completer = _Worker(f"pegaflow-{direction}-done-{device.index}")
+
+    def buffers(self, slot_bytes: int) -> list[torch.Tensor]:
+        """The two staging halves, grown (after draining) if one slot does not fit."""
+        need = max(self.half, slot_bytes)
+        if not self.staging or self.staging[0].numel() < need:
+            self.sm.synchronize()
+            self.dma.synchronize()
+            self.staging = [torch.empty(need, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            if need > self.half:
+                logger.warning("staging half grown to %d bytes: one block is larger than staging_bytes / 2", need)
+        return self.staging
+
+    def close(self) -> None:
+        self.launcher.close()
+        self.completer.close()
+
+
+class GpuLane:
+    """Saves and loads for the KV caches of one CUDA device."""
+
+    def __init__(self, device: int, pool: torch.Tensor, staging_bytes: int, zero_copy: bool) -> None:
+        self.device = torch.device("cuda", device)
+        self._pool = pool
+        self._zero_copy = zero_copy
+        self._copier = copier_for(self.device)
+        with torch.cuda.device(self.device):
+            self._paths = {d: _Path(d, self.device, staging_bytes) for d in (SAVE, LOAD)}
+
+    def new_event(self) -> torch.cuda.Event:
+        # blocking: the completion thread sleeps in synchronize() instead of spinning a core.
+        return torch.cuda.Event(blocking=True)
+
+    def submit(self, job: CopyJob) -> None:
+        path = self._paths[job.direction]
+        path.launcher.put(lambda: self._launch(path, job))
+
+    def close(self) -> None:
+        for path in self._paths.values():
+            path.close()
+
+    def _launch(self, path: _Path, job: CopyJob) -> None:
+        event = job.handle._event
+        try:
+            with torch.cuda.device(self.device):
+                if self._zero_copy:
+                    self._zero_copy_job(path, job)
+                elif job.direction == SAVE:
+                    self._staged_save(path, job)
+                else:
+                    self._staged_load(path, job)
+                event.record(path.dma if (job.direction == SAVE and not self._zero_copy) else path.sm)
+        except Exception as exc:
+            # Some chunks may be enqueued: report the failure only once they are done.
+            with torch.cuda.device(self.device):
+                path.dma.wait_stream(path.sm)
+                event.record(path.dma)
+            job.handle._mark_launched()
+            path.completer.put(lambda exc=exc: (event.synchronize(), _fail(job, exc)))
+            return
+        job.handle._mark_launched()
+        path.completer.put(lambda: self._complete(job, event))
+
+    @staticmethod
+    def _complete(job: CopyJob, event: torch.cuda.Event) -> None:
+        try:
+            event.synchronize()
+        except Exception as exc:
+            _fail(job, exc)
+            return
+        job.finish(True, None)
+
+    def _per_chunk(self, path: _Path, slot_bytes: int) -> int:
+        return max(1, path.half // slot_bytes)
+
+    def _staged_save(self, path: _Path, job: CopyJob) -> None:
+        slot = job.slot_bytes
+        staging = path.buffers(slot)
+        if job.after_event is not None:
+            path.sm.wait_event(job.after_event)
+        for k, chunk in enumerate(chunks(job.offsets, slot, self._per_chunk(path, slot))):
+            b = k % 2
+            first, count = chunk[0].first, sum(p.count for p in chunk)
+            path.sm.wait_event(path.free[b])
+            with torch.cuda.stream(path.sm):
+                self._copier.gather_into_slots(
+                    job.kv, job.block_ids[first : first + count], staging[b], list(range(count)), slot
+                )
+            path.ready[b].record(path.sm)
+            path.dma.wait_event(path.ready[b])
+            with torch.cuda.stream(path.dma):
+                for p in chunk:
+                    src = staging[b][(p.first - first) * slot : (p.first - first + p.count) * slot]
+                    self._pool[p.offset : p.offset + p.count * slot].copy_(src, non_blocking=True)
+            path.free[b].record(path.dma)
+
+    def _staged_load(self, path: _Path, job: CopyJob) -> None:
+        slot = job.slot_bytes
+        staging = path.buffers(slot)
+        work = chunks(job.offsets, slot, self._per_chunk(path, slot))
+
+        def dma(k: int) -> None:
+            b, chunk = k % 2, work[k]
+            first = chunk[0].first
+            path.dma.wait_event(path.free[b])
+            with torch.cuda.stream(path.dma):
+                for p in chunk:
+                    dst = staging[b][(p.first - first) * slot : (p.first - first + p.count) * slot]
+                    dst.copy_(self._pool[p.offset : p.offset + p.count * slot], non_blocking=True)
+            path.ready[b].record(path.dma)
+
+        def scatter(k: int) -> None:
+            b, chunk = k % 2, work[k]
+            first, count = chunk[0].first, sum(p.count for p in chunk)
+            path.sm.wait_event(path.ready[b])
+            with torch.cuda.stream(path.sm):
+                self._copier.scatter_from_slots(
+                    job.kv, job.block_ids[first : first + count], staging[b], list(range(count)), slot
+                )
+            path.free[b].record(path.sm)
+
+        # DMA k+1 is enqueued before scatter k, so the copy engine always has the next chunk
+        # queued even if enqueueing a scatter blocks this thread.
+        for k in range(len(work)):
+            dma(k)
+            if k:
+                scatter(k - 1)
+        if work:
+            scatter(len(work) - 1)
+
+    def _zero_copy_job(self, path: _Path, job: CopyJob) -> None:
+        slot = job.slot_bytes
+        if job.after_event is not None:
+            path.sm.wait_event(job.after_event)
+        with torch.cuda.stream(path.sm):
+            for p in pieces(job.offsets, slot, self._per_chunk(path, slot)):
+                ids = job.block_ids[p.first : p.first + p.count]
+                view = self._pool[p.offset : p.offset + p.count * slot]
+                slots = list(range(p.count))
+                if job.direction == SAVE:
+                    self._copier.gather_into_slots(job.kv, ids, view, slots, slot)
+                else:
+                    self._copier.scatter_from_slots(job.kv, ids, view, slots, slot)
