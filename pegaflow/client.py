@@ -1,0 +1,398 @@
+"""The client of a PegaFlow server: what vLLM's connector calls.
+
+    client = PegaClient()                      # PEGAFLOW_ENGINE_ENDPOINT or ipc:///tmp/pega_engine.sock
+    client.register_instance("inst", model="m", kv_dtype="bfloat16", layout="NHD",
+                             block_size=16, page_bytes=[65536] * 32, tp_size=1)
+    client.register_kv_caches("inst", 0, kv_backing, regions, num_blocks)
+    hits = client.query("inst", hashes)
+    client.save("inst", 0, job_id=7, block_ids=[3, 4], hashes=hashes[:2], event=ev)
+    for c in client.poll_completions(timeout_s=0.0): ...
+
+Deadlines: every call returns or raises within ``timeout_s``. A dead or wedged server raises
+:class:`PegaTimeoutError`; the socket is then replaced (late replies to the old request are
+dropped by request id) and, for a backoff that doubles from 0.1 s to 5 s, calls fail at once
+with the same error instead of waiting again: a dead server costs the caller nothing.
+An error reply raises :class:`PegaServerError` with the server's ``code``.
+
+Sessions: the client's socket identity is its session id. The first call sends ``hello``
+(protocol version check); a background thread with its own socket sends heartbeats so the
+server can release a dead client's registrations (see ``pegaflow.server``). After a reconnect
+or a server restart the client says ``hello`` again by itself; calls that need no state on
+the server (query, stats, health, register_instance, unregister) are then retried once,
+while save, load and register_kv_caches raise ``PegaServerError("no_session")``: the KV cache
+registration is gone and the caller must register again.
+
+Completions of saves and loads are pushed by the server on the same socket; any call, and
+:meth:`PegaClient.poll_completions`, collects them.
+
+Thread-safety: one lock serialises every call on a client, so threads may share one.
+A save or load whose acceptance timed out may still run if the server was only slow: keep
+its blocks held until its completion arrives or the client gives up on the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zmq
+
+from pegaflow.server.protocol import NO_SESSION, PROTOCOL_VERSION, SESSION_BYTES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ENDPOINT = "ipc:///tmp/pega_engine.sock"
+ENDPOINT_ENV = "PEGAFLOW_ENGINE_ENDPOINT"
+_BACKOFF_START_S, _BACKOFF_MAX_S = 0.1, 5.0
+_STATELESS_OPS = frozenset(("query", "stats", "health", "register_instance", "unregister"))
+
+
+class PegaClientError(Exception):
+    """Anything that went wrong talking to the server."""
+
+
+class PegaTimeoutError(PegaClientError):
+    """No reply within the deadline: the server is dead, wedged or unreachable."""
+
+
+class PegaServerError(PegaClientError):
+    """The server refused the request."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished save or load. ``skipped`` (save) and ``missing`` (load) index the call's blocks."""
+
+    job_id: int
+    kind: str  # "save" or "load"
+    ok: bool
+    num_blocks: int = 0
+    nbytes: int = 0
+    skipped: tuple[int, ...] = ()
+    missing: tuple[int, ...] = ()
+    error: str | None = None
+
+
+def default_endpoint() -> str:
+    return os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
+
+
+def _hash_blob(hashes: Sequence[bytes] | bytes) -> bytes:
+    """Hashes back to back, as the protocol sends them; they must all have one length."""
+    if isinstance(hashes, (bytes, bytearray)):
+        return bytes(hashes)
+    if not hashes:
+        return b""
+    lengths = set(map(len, hashes))
+    if len(lengths) != 1:
+        raise ValueError(f"hashes must all have one length, got lengths {sorted(lengths)}")
+    return b"".join(hashes)
+
+
+def _id_list(ids: Sequence[int] | Any) -> list[int]:
+    if hasattr(ids, "tolist"):  # a tensor or an array
+        return ids.tolist()
+    return list(ids)
+
+
+class PegaClient:
+    """A session with one PegaFlow server (see the module docstring)."""
+
+    def __init__(self, endpoint: str | None = None, timeout_s: float = 2.0, name: str = "client",
+                 heartbeat: bool = True) -> None:
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout_s = float(timeout_s)
+        self.name = name
+        self.session = b"P" + os.urandom(SESSION_BYTES - 1)  # a leading 0 byte is reserved by ZMQ
+        self.server_info: dict[str, Any] = {}
+        self._heartbeat_enabled = heartbeat
+        self._lock = threading.RLock()
+        self._ctx = zmq.Context()
+        self._socket: zmq.Socket | None = None
+        self._next_id = 1
+        self._need_hello = True
+        self._down_until = 0.0
+        self._backoff = _BACKOFF_START_S
+        self._completions: list[Completion] = []
+        self._shared: dict[tuple[str, int], Any] = {}  # storages shared with the server: keep them alive
+        self._hb_stop = threading.Event()
+        self._hb_thread: threading.Thread | None = None
+        self._closed = False
+
+    # ---- operations ---------------------------------------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        """Open (or renew) the session; checks the protocol version. Returns the server's info."""
+        with self._lock:
+            self._hello(time.monotonic() + self.timeout_s)
+            return dict(self.server_info)
+
+    def register_instance(self, instance_id: str, model: str, kv_dtype: str, layout: str, block_size: int,
+                          page_bytes: Sequence[int], tp_size: int = 1, replicated: bool = False,
+                          hash_bytes: int = 32) -> str:
+        """Declare an instance's geometry; returns its namespace. Idempotent for the same spec."""
+        reply = self._call({
+            "op": "register_instance", "instance_id": instance_id, "model": model, "kv_dtype": kv_dtype,
+            "layout": layout, "block_size": block_size, "page_bytes": list(page_bytes), "tp_size": tp_size,
+            "replicated": replicated, "hash_bytes": hash_bytes,
+        })
+        return reply["namespace"]
+
+    def register_kv_caches(self, instance_id: str, rank: int, backing: Any,
+                           regions: Sequence[tuple[int, int, int]], num_blocks: int,
+                           device: Any = None) -> int:
+        """Share ``backing`` (a tensor or UntypedStorage: the KV cache's storage) and register it.
+
+        ``regions`` are ``(offset, block_stride, page_bytes)`` in bytes from the start of the
+        backing storage. A CPU storage is moved to shared memory in place (tensors over it keep
+        working). ``device`` is only checked against the storage's. Returns the block's bytes.
+        """
+        from pegaflow.sharing import backing_storage, handle_to_wire, share_storage
+
+        storage = backing_storage(backing)
+        if device is not None:
+            import torch
+
+            want = torch.device(device)
+            if want.type != storage.device.type or (want.index is not None and want.index != storage.device.index):
+                raise ValueError(f"device {want} does not hold the backing storage (on {storage.device})")
+        handle = share_storage(storage)
+        with self._lock:
+            self._shared[(instance_id, rank)] = storage
+        reply = self._call({
+            "op": "register_kv_caches", "instance_id": instance_id, "rank": rank,
+            "storage": handle_to_wire(handle), "regions": [list(r) for r in regions], "num_blocks": num_blocks,
+            "device_uuid": getattr(handle, "device_uuid", ""),
+        })
+        return reply["block_bytes"]
+
+    def unregister_kv_caches(self, instance_id: str, rank: int) -> None:
+        """Drop one rank's registration (the server closes its mapping after in-flight copies)."""
+        self._call({"op": "unregister_kv_caches", "instance_id": instance_id, "rank": rank})
+        with self._lock:
+            self._shared.pop((instance_id, rank), None)
+
+    def query(self, instance_id: str, hashes: Sequence[bytes] | bytes) -> int:
+        """How many leading ``hashes`` the server holds on every rank."""
+        return self._call({"op": "query", "instance_id": instance_id, "hashes": _hash_blob(hashes)})["hits"]
+
+    def save(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
+             hashes: Sequence[bytes] | bytes, event: Any = None) -> None:
+        """Start saving blocks; returns once accepted. ``event``: an interprocess CUDA event
+        (or its IPC handle) recorded after the forward that wrote the blocks."""
+        msg = {"op": "save", "instance_id": instance_id, "rank": rank, "job_id": job_id,
+               "block_ids": _id_list(block_ids), "hashes": _hash_blob(hashes)}
+        if event is not None:
+            if not isinstance(event, (bytes, bytearray)):
+                from pegaflow.sharing import share_event
+
+                event = share_event(event)
+            msg["event"] = bytes(event)
+        self._call(msg)
+
+    def load(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
+             hashes: Sequence[bytes] | bytes) -> None:
+        """Start loading blocks ``hashes`` into ``block_ids``; returns once accepted."""
+        self._call({"op": "load", "instance_id": instance_id, "rank": rank, "job_id": job_id,
+                    "block_ids": _id_list(block_ids), "hashes": _hash_blob(hashes)})
+
+    def poll_completions(self, timeout_s: float = 0.0) -> list[Completion]:
+        """Completions received so far; waits up to ``timeout_s`` for one if there are none."""
+        with self._lock:
+            if self._socket is not None:
+                deadline = time.monotonic() + max(0.0, timeout_s)
+                self._drain(deadline if not self._completions else 0.0)
+            out, self._completions = self._completions, []
+            return out
+
+    def unregister(self, instance_id: str) -> None:
+        """Forget an instance on the server (its stored blocks stay; its pins are released)."""
+        self._call({"op": "unregister", "instance_id": instance_id})
+
+    def stats(self) -> dict[str, Any]:
+        return self._call({"op": "stats"})["stats"]
+
+    def health(self) -> dict[str, Any]:
+        reply = self._call({"op": "health"})
+        return {k: v for k, v in reply.items() if k not in ("id", "ok")}
+
+    def close(self) -> None:
+        """End the session (the server releases its registrations now) and close the sockets."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._hb_stop.set()
+            if self._socket is not None and not self._need_hello:
+                try:
+                    self._socket.send(msgpack.packb({"op": "bye", "id": 0}), zmq.NOBLOCK)
+                    self._socket.setsockopt(zmq.LINGER, 200)  # let the goodbye out, briefly
+                except zmq.ZMQError:
+                    pass
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+        if self._hb_thread is not None:
+            self._hb_thread.join(timeout=1.0)
+        self._ctx.term()
+
+    def __enter__(self) -> PegaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- machinery ----------------------------------------------------------------------------
+
+    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        with self._lock:
+            if self._closed:
+                raise PegaClientError("client is closed")
+            deadline = time.monotonic() + self.timeout_s
+            if self._need_hello:
+                self._hello(deadline)
+            try:
+                return self._request(msg, deadline)
+            except PegaServerError as exc:
+                if exc.code != NO_SESSION:
+                    raise
+                self._need_hello = True  # the server restarted or expired us
+                if msg["op"] not in _STATELESS_OPS:
+                    raise
+                self._hello(deadline)
+                return self._request(msg, deadline)
+
+    def _hello(self, deadline: float) -> dict[str, Any]:
+        reply = self._request({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(),
+                               "name": self.name[:256] or "client"}, deadline)
+        self.server_info = {k: v for k, v in reply.items() if k not in ("id", "ok")}
+        self._need_hello = False
+        if not reply.get("resumed", False):
+            logger.info("session opened with %s (server %s)", self.endpoint, reply.get("server"))
+        if self._heartbeat_enabled and self._hb_thread is None:
+            interval = max(0.05, float(reply.get("heartbeat_s", 1.0)))
+            self._hb_thread = threading.Thread(target=self._heartbeats, args=(interval,),
+                                               name="pegaflow-heartbeat", daemon=True)
+            self._hb_thread.start()
+        return reply
+
+    def _request(self, msg: dict[str, Any], deadline: float) -> dict[str, Any]:
+        now = time.monotonic()
+        if now < self._down_until:
+            raise PegaTimeoutError(
+                f"server {self.endpoint} did not answer recently; retrying in {self._down_until - now:.2f} s"
+            )
+        sock = self._ensure_socket()
+        request_id = self._next_id
+        self._next_id += 1
+        msg["id"] = request_id
+        payload = msgpack.packb(msg, use_bin_type=True)
+        # IMMEDIATE: a send with no live connection waits for one, up to the deadline.
+        if not sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLOUT):
+            self._fail(f"could not reach {self.endpoint} within {self.timeout_s} s")
+        try:
+            sock.send(payload, zmq.NOBLOCK)
+        except zmq.Again:
+            self._fail(f"could not send to {self.endpoint}")
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                self._fail(f"no reply from {self.endpoint} to {msg['op']} within {self.timeout_s} s")
+            reply = self._receive(sock)
+            if reply is None or reply.get("id") != request_id:
+                continue  # a completion (kept) or a stale reply to a timed-out request (dropped)
+            self._backoff = _BACKOFF_START_S
+            if not reply.get("ok"):
+                raise PegaServerError(str(reply.get("code")), str(reply.get("message")))
+            return reply
+
+    def _receive(self, sock: zmq.Socket) -> dict[str, Any] | None:
+        """One message; completions go to the buffer (and give None)."""
+        try:
+            reply = msgpack.unpackb(sock.recv(zmq.NOBLOCK), raw=False)
+        except zmq.Again:
+            return None
+        except Exception:
+            logger.warning("dropped an unreadable message from %s", self.endpoint)
+            return None
+        if type(reply) is not dict:
+            return None
+        if reply.get("op") == "completion":
+            self._completions.append(_completion(reply))
+            return None
+        return reply
+
+    def _drain(self, deadline: float) -> None:
+        sock = self._socket
+        assert sock is not None
+        while True:
+            if sock.poll(0, zmq.POLLIN):
+                self._receive(sock)
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._completions:
+                return
+            if not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                return
+
+    def _ensure_socket(self) -> zmq.Socket:
+        if self._socket is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, self.session)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+            sock.connect(self.endpoint)
+            self._socket = sock
+        return self._socket
+
+    def _fail(self, message: str) -> None:
+        """Give up on the request: replace the socket, back off, raise."""
+        if self._socket is not None:
+            try:
+                self._drain(0.0)  # keep completions already here
+            finally:
+                self._socket.close()
+                self._socket = None
+        self._need_hello = True
+        self._down_until = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
+        raise PegaTimeoutError(message)
+
+    def _heartbeats(self, interval: float) -> None:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 4)  # a server that is away gets no backlog of beats
+        sock.connect(self.endpoint)
+        beat = msgpack.packb({"op": "heartbeat", "id": 0, "session": self.session}, use_bin_type=True)
+        try:
+            while not self._hb_stop.wait(interval):
+                try:
+                    sock.send(beat, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+        finally:
+            sock.close()
+
+
+def _completion(msg: dict[str, Any]) -> Completion:
+    return Completion(
+        job_id=int(msg.get("job_id", -1)), kind=str(msg.get("kind", "")), ok=bool(msg.get("ok")),
+        num_blocks=int(msg.get("num_blocks", 0)), nbytes=int(msg.get("nbytes", 0)),
+        skipped=tuple(msg.get("skipped") or ()), missing=tuple(msg.get("missing") or ()),
+        error=msg.get("error"),
+    )

@@ -1,0 +1,54 @@
+"""The PegaFlow server: one process per GPU host that owns the pool; vLLM workers are clients.
+
+Run it with ``python -m pegaflow.server --help``. Importing this package is cheap (no torch):
+the scheduler-side connector imports the protocol through :mod:`pegaflow.client`.
+
+Sockets
+    A ZMQ ROUTER bound to the IPC endpoint (default ``ipc:///tmp/pega_engine.sock``, file mode
+    0600) and to the TCP address (default ``127.0.0.1:50055``); clients are DEALERs whose
+    socket identity is their 16-byte session id (``ROUTER_HANDOVER``: a reconnecting client
+    keeps its session). One frame per message, a msgpack map of at most
+    ``protocol.MAX_MESSAGE_BYTES`` (16 MiB; beyond 4x that ZMQ drops the connection).
+
+Requests (``{"op": ..., "id": <int>, ...}``; the reply echoes ``id``)
+    hello(version, pid?, name?)            -> {version, server, cpu_mode, devices, heartbeat_s,
+                                               client_timeout_s, max_message_bytes, resumed}
+    register_instance(instance_id, model, kv_dtype, layout, block_size, page_bytes[],
+                      tp_size?, replicated?, hash_bytes?)   -> {namespace}
+    register_kv_caches(instance_id, rank, storage{kind, ...}, regions[[offset, block_stride,
+                       page_bytes]], num_blocks, device_uuid?)   -> {block_bytes}
+    unregister_kv_caches(instance_id, rank) -> {}
+    query(instance_id, hashes: bin)        -> {hits}      longest prefix held on every rank
+    save(instance_id, rank, job_id, block_ids[], hashes: bin, event?: bin) -> {job_id}
+    load(instance_id, rank, job_id, block_ids[], hashes: bin)              -> {job_id}
+    unregister(instance_id)                -> {}
+    stats()                                -> {stats}
+    health()                               -> {status, uptime_s}
+    heartbeat(session)                     (no reply)
+    bye()                                  (no reply; ends the session now)
+``hashes`` is one ``bin``: the hashes back to back, ``hash_bytes`` each (8..64, fixed per
+instance; vLLM's sha256 gives 32), one per block id. ``event`` is the 64-byte IPC handle of
+an interprocess CUDA event recorded after the forward that wrote the blocks: the save's
+copy waits on it on the GPU (no host-side wait).
+
+Completions: pushed, not polled. When a save or load finishes, the server sends
+``{"op": "completion", "job_id", "kind", "ok", "num_blocks", "nbytes", "skipped", "missing",
+"error"}`` to the session that started it, after its acceptance reply. If the client's socket
+is away at that moment, completions wait in the session (bounded) until it talks again.
+
+Errors: ``{"id", "ok": False, "code", "message"}``, ``code`` one of ``protocol``'s codes
+(bad_message, too_large, unknown_op, missing_field, bad_field, version_mismatch, no_session,
+unknown_instance, instance_conflict, not_registered, already_registered, out_of_range,
+bad_hash, duplicate_job, share_failed, shutting_down, internal). ``id`` is null when the
+frame could not be read. Every request is validated before anything acts on it: block ids
+against the registered cache, hashes against the instance's length, before any copy.
+Everything except hello, health, stats and heartbeat needs a session (a hello first).
+
+Liveness: clients send a heartbeat every ``heartbeat_s`` (a quarter of ``--client-timeout``)
+from a thread of their own. A session silent for ``--client-timeout`` seconds (default 10)
+is expired by a sweep that runs every ``heartbeat_s``: its KV cache registrations are closed
+(the engine forgets them, the shared mapping is dropped) as soon as its in-flight copies
+finish, which the engine bounds by its write timeout. So a killed client's pins and mappings
+are gone within ``client_timeout * 1.25`` plus the longest transfer it had in flight. A
+client that closes cleanly (``bye``) is released at once.
+"""
