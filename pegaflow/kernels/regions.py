@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -94,6 +95,12 @@ class KVRegions:
                     f"regions[{i}] holds {region.max_blocks()} blocks in its storage, "
                     f"fewer than num_blocks={self.num_blocks}"
                 )
+        pair = _first_overlap(self.regions, self.num_blocks)
+        if pair is not None:
+            raise ValueError(
+                f"regions[{pair[0]}] and regions[{pair[1]}] may share bytes: a scatter would write "
+                "them twice (drop aliases, as kv_regions_from_views does)"
+            )
 
     @property
     def device(self) -> torch.device:
@@ -112,12 +119,47 @@ class KVRegions:
             total += region.page_bytes
         return offsets
 
+    @cached_property
+    def geometry(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Per region: base address, block stride, page bytes, page offset inside a block.
+
+        Computed once: the launchers need it on every copy and the storages never move.
+        """
+        return (
+            tuple(r.base for r in self.regions),
+            tuple(r.block_stride for r in self.regions),
+            tuple(r.page_bytes for r in self.regions),
+            tuple(self.page_offsets()),
+        )
+
     def word_bytes(self) -> int:
         """The widest word (8, 4, 2 or 1 bytes) that divides every base, stride and page."""
-        g = 8
-        for r in self.regions:
-            g = math.gcd(g, r.base, r.block_stride, r.page_bytes)
-        return g
+        return math.gcd(8, *(g for values in self.geometry[:3] for g in values))
+
+
+def _first_overlap(regions: tuple[Region, ...], num_blocks: int) -> tuple[int, int] | None:
+    """Indices of two regions whose pages may share a byte, or None.
+
+    Exact for regions whose spans are disjoint or whose strides are equal (every vLLM layout);
+    two interleaved regions of different strides count as overlapping.
+    """
+    spans = sorted(
+        (r.base, r.base + (num_blocks - 1) * r.block_stride + r.page_bytes, i) for i, r in enumerate(regions)
+    )
+    for a in range(len(spans)):
+        start_a, end_a, i = spans[a]
+        for b in range(a + 1, len(spans)):
+            start_b, _, j = spans[b]
+            if start_b >= end_a:
+                break  # sorted by start: no later span reaches back into this one
+            first, second = (regions[i], regions[j]) if start_a <= start_b else (regions[j], regions[i])
+            stride = first.block_stride
+            if second.block_stride != stride:
+                return (min(i, j), max(i, j))
+            gap = (second.base - first.base) % stride
+            if gap < first.page_bytes or stride - gap < second.page_bytes:
+                return (min(i, j), max(i, j))
+    return None
 
 
 def _storage_bytes_view(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Triton block copies between a paged KV cache and a contiguous or slotted buffer.
 
-One launch moves every region of a transfer. Program ``(i, r, c)`` copies chunk ``c`` of
+One launch moves every region of a transfer. Program ``(c, r, i)`` copies chunk ``c`` of
 block ``block_ids[i]``'s page in region ``r``. Everything is copied as integer words of the
 widest width that every address, stride and size allows, so the copy is bit-exact for any
 dtype. The buffer may be GPU memory (staging) or pinned host memory, which the kernel then
@@ -9,6 +9,10 @@ reads or writes directly over PCIe (UVA, zero-copy).
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -16,13 +20,50 @@ import triton.language as tl
 from pegaflow.kernels.regions import KVRegions, _storage_bytes_view
 from pegaflow.kernels.validate import CopyPlan, Ids, plan_copy
 
-# Bytes one program copies; pages longer than this are split across programs. 16 KiB keeps
-# enough loads in flight per program without starving small pages of parallelism
-# (measured on the H200 with bench/gather_scatter.py: 8-32 KiB were within 3 %).
-CHUNK_BYTES = 16 * 1024
-# Bytes moved per loop step of one program (one vector of words).
-STEP_BYTES = 4 * 1024
-NUM_WARPS = 4
+
+@dataclass(frozen=True)
+class Tuning:
+    """Launch shape: bytes per program, bytes per load/store step, warps per program."""
+
+    chunk_bytes: int
+    step_bytes: int
+    num_warps: int
+
+    def __post_init__(self) -> None:
+        for name in ("chunk_bytes", "step_bytes", "num_warps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0 or value & (value - 1):
+                raise ValueError(f"{name} must be a positive power of two, got {value!r}")
+        if self.step_bytes > self.chunk_bytes:
+            raise ValueError(f"step_bytes ({self.step_bytes}) exceeds chunk_bytes ({self.chunk_bytes})")
+        if self.num_warps > 32:
+            raise ValueError(f"num_warps must be <= 32, got {self.num_warps}")
+
+    @classmethod
+    def parse(cls, text: str) -> Tuning:
+        """``"CHUNK:STEP:WARPS"`` in bytes, e.g. ``"16384:16384:4"``."""
+        try:
+            chunk, step, warps = (int(part) for part in text.split(":"))
+        except ValueError as exc:
+            raise ValueError(f"tuning must be CHUNK:STEP:WARPS, got {text!r}") from exc
+        return cls(chunk, step, warps)
+
+    def __str__(self) -> str:
+        return f"{self.chunk_bytes}:{self.step_bytes}:{self.num_warps}"
+
+
+# Bytes one program copies (pages longer than this are split across programs), bytes each
+# load/store step moves (a step's loads are all in flight before its stores), and warps per
+# program. NOT YET MEASURED with this kernel: bench/gather_scatter.py compares variants
+# (--tunings) on the GPU; set the winner here and say which card and run chose it.
+DEFAULT_TUNING = Tuning(chunk_bytes=16 * 1024, step_bytes=16 * 1024, num_warps=4)
+# Pages whose power-of-two alignment is at least this are cut into chunks that divide them
+# evenly, so no program needs a mask (masks with unknown bounds stop vectorised accesses).
+MIN_EVEN_CHUNK_BYTES = 2 * 1024
+# Widest access Triton emits per thread: alignment hints beyond this buy nothing.
+VECTOR_BYTES = 16
+# CUDA limits grid dims 1 and 2 to 65535 programs: more blocks take more launches.
+MAX_GRID_YZ = 65535
 
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
@@ -31,41 +72,56 @@ _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 def _copy_pages_kernel(
     kv_ptr,  # word pointer: the lowest region base
     buf_ptr,  # word pointer: the buffer's start
-    block_ids_ptr,  # int64 [n]
-    slot_ids_ptr,  # int64 [n] (unused when not USE_SLOTS)
-    region_base_ptr,  # int64 [R] words from kv_ptr
-    region_stride_ptr,  # int64 [R] words between blocks
-    region_page_ptr,  # int64 [R] page words
-    region_offset_ptr,  # int64 [R] page start inside one block's bytes, in words
+    table_ptr,  # int64: region bases, strides, pages, offsets ([R] each, words), block ids, slot ids
+    num_regions,
+    count,
+    first,  # index of this launch's first block in the id lists
     slot_words,
-    CHUNK: tl.constexpr,
-    STEP: tl.constexpr,
+    CHUNK: tl.constexpr,  # words per program
+    STEP: tl.constexpr,  # words per load/store step
+    ALIGN: tl.constexpr,  # every start (and, masked, every page) is a multiple of ALIGN words
+    EVEN: tl.constexpr,  # every page is a multiple of CHUNK: no mask
     USE_SLOTS: tl.constexpr,
     TO_KV: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
+    # int64 from here on: block * stride and row * slot_words exceed 2**31 in large caches.
+    c = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1).to(tl.int64)
-    c = tl.program_id(2).to(tl.int64)
-    page = tl.load(region_page_ptr + r)
+    i = tl.program_id(2).to(tl.int64) + first
+    page = tl.load(table_ptr + 2 * num_regions + r)
     chunk_start = c * CHUNK
     if chunk_start < page:
-        block = tl.load(block_ids_ptr + i)
+        block = tl.load(table_ptr + 4 * num_regions + i)
         if USE_SLOTS:
-            row = tl.load(slot_ids_ptr + i)
+            row = tl.load(table_ptr + 4 * num_regions + count + i)
         else:
             row = i
-        kv_start = tl.load(region_base_ptr + r) + block * tl.load(region_stride_ptr + r) + chunk_start
-        buf_start = row * slot_words + tl.load(region_offset_ptr + r) + chunk_start
-        limit = page - chunk_start
+        kv_start = tl.load(table_ptr + r) + block * tl.load(table_ptr + num_regions + r) + chunk_start
+        buf_start = row * slot_words + tl.load(table_ptr + 3 * num_regions + r) + chunk_start
+        kv_start = tl.multiple_of(kv_start, ALIGN)
+        buf_start = tl.multiple_of(buf_start, ALIGN)
+        limit = tl.multiple_of(page - chunk_start, ALIGN)
         for k in tl.static_range(0, CHUNK, STEP):
             offs = k + tl.arange(0, STEP)
-            mask = offs < limit
-            if TO_KV:
-                words = tl.load(buf_ptr + buf_start + offs, mask=mask)
-                tl.store(kv_ptr + kv_start + offs, words, mask=mask)
+            if EVEN:
+                if TO_KV:
+                    words = tl.load(buf_ptr + buf_start + offs)
+                    tl.store(kv_ptr + kv_start + offs, words)
+                else:
+                    words = tl.load(kv_ptr + kv_start + offs)
+                    tl.store(buf_ptr + buf_start + offs, words)
             else:
-                words = tl.load(kv_ptr + kv_start + offs, mask=mask)
-                tl.store(buf_ptr + buf_start + offs, words, mask=mask)
+                mask = offs < limit
+                if TO_KV:
+                    words = tl.load(buf_ptr + buf_start + offs, mask=mask)
+                    tl.store(kv_ptr + kv_start + offs, words, mask=mask)
+                else:
+                    words = tl.load(kv_ptr + kv_start + offs, mask=mask)
+                    tl.store(buf_ptr + buf_start + offs, words, mask=mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _check_devices(kv: KVRegions, buffer: torch.Tensor, name: str) -> None:
@@ -74,14 +130,10 @@ def _check_devices(kv: KVRegions, buffer: torch.Tensor, name: str) -> None:
     if buffer.device.type == "cuda":
         if buffer.device != kv.device:
             raise ValueError(f"{name} is on {buffer.device}, the KV cache on {kv.device}")
-    elif not _interpreting() and not buffer.is_pinned():
+    elif buffer.device.type != "cpu":
+        raise ValueError(f"{name} is on {buffer.device}: it must be on the KV cache's GPU or in pinned host memory")
+    elif kv.device.type == "cuda" and not buffer.is_pinned():
         raise ValueError(f"{name} is in host memory that is not pinned: the GPU cannot reach it")
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _word_view(tensor: torch.Tensor, byte_offset: int, word: int) -> torch.Tensor:
@@ -91,79 +143,108 @@ def _word_view(tensor: torch.Tensor, byte_offset: int, word: int) -> torch.Tenso
     return raw[byte_offset : byte_offset + usable].view(_WORD_DTYPES[word])
 
 
-def _launch(kv: KVRegions, plan: CopyPlan, buffer: torch.Tensor, to_kv: bool) -> None:
+def _pow2_part(value: int, cap: int) -> int:
+    """The largest power of two dividing ``value`` (0 divides by anything), at most ``cap``."""
+    return cap if value == 0 else min(cap, value & -value)
+
+
+def _upload(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One int64 table on ``device``, copied without blocking the host.
+
+    Pinned source: a pageable copy would synchronise the stream on every launch. The caching
+    host allocator keeps the pinned block until the copy has completed.
+    """
+    host = torch.cat(values)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _launch(kv: KVRegions, plan: CopyPlan, buffer: torch.Tensor, to_kv: bool, tuning: Tuning) -> None:
     if plan.count == 0:
         return
+    bases, strides, pages, offsets = kv.geometry
+    anchor = min(range(len(bases)), key=bases.__getitem__)
     buffer_start = buffer.storage_offset() * buffer.element_size()
-    word = kv.word_bytes()
-    for value in (buffer.untyped_storage().data_ptr() + buffer_start, plan.slot_bytes):
-        while value % word:
-            word //= 2
-    anchor = min(kv.regions, key=lambda r: r.base)
-    device = kv.device
+    buffer_address = buffer.untyped_storage().data_ptr() + buffer_start
 
-    # One upload for every table of the launch: region geometry (in words) and the ids.
-    geometry = [
-        [(r.base - anchor.base) // word for r in kv.regions],
-        [r.block_stride // word for r in kv.regions],
-        [r.page_bytes // word for r in kv.regions],
-        [offset // word for offset in kv.page_offsets()],
-    ]
+    # Alignment (bytes) shared by every start address and size of the launch.
+    align = math.gcd(buffer_address, plan.slot_bytes, bases[anchor], *strides, *offsets)
+    align = math.gcd(align, *(b - bases[anchor] for b in bases))
+    page_align = math.gcd(*pages)
+    word = math.gcd(8, align, page_align)
+    # Chunks that divide every page need no mask; else masked chunks of the tuned size.
+    even_chunk = _pow2_part(page_align, tuning.chunk_bytes)
+    even = even_chunk >= min(MIN_EVEN_CHUNK_BYTES, tuning.chunk_bytes)
+    chunk_bytes = even_chunk if even else tuning.chunk_bytes
+    vector = _pow2_part(math.gcd(align, chunk_bytes, page_align), VECTOR_BYTES)
+    chunk, step = chunk_bytes // word, min(tuning.step_bytes, chunk_bytes) // word
+
+    num_regions = len(bases)
+    chunks_per_page = triton.cdiv(max(pages), chunk_bytes)
+    if num_regions > MAX_GRID_YZ:
+        raise ValueError(f"a KV cache of {num_regions} regions exceeds the {MAX_GRID_YZ} a launch can address")
+    geometry = torch.tensor(
+        [(b - bases[anchor]) // word for b in bases]
+        + [s // word for s in strides]
+        + [p // word for p in pages]
+        + [o // word for o in offsets],
+        dtype=torch.int64,
+    )
     ids = [plan.block_ids] + ([plan.slot_ids] if plan.slot_ids is not None else [])
-    table = torch.cat([torch.tensor(geometry, dtype=torch.int64).flatten(), *ids]).to(device)
-    num_regions, count = len(kv.regions), plan.count
-    region_base, region_stride, region_page, region_offset = table[: 4 * num_regions].view(4, num_regions)
-    block_ids = table[4 * num_regions : 4 * num_regions + count]
-    slot_ids = table[4 * num_regions + count :] if plan.slot_ids is not None else block_ids
+    table = _upload([geometry, *ids], kv.device)
 
     # Bytes past the buffer's last row are never addressed: validation bounded the rows.
-    kv_words = _word_view(anchor.owner, anchor.offset, word)
+    anchor_region = kv.regions[anchor]
+    kv_words = _word_view(anchor_region.owner, anchor_region.offset, word)
     buf_words = _word_view(buffer, buffer_start, word)
-    chunk = max(1, CHUNK_BYTES // word)
-    step = min(chunk, max(1, STEP_BYTES // word))
-    max_page = max(r.page_bytes for r in kv.regions) // word
-    grid = (plan.count, len(kv.regions), triton.cdiv(max_page, chunk))
-    _copy_pages_kernel[grid](
-        kv_words,
-        buf_words,
-        block_ids,
-        slot_ids,
-        region_base,
-        region_stride,
-        region_page,
-        region_offset,
-        plan.slot_bytes // word,
-        CHUNK=chunk,
-        STEP=step,
-        USE_SLOTS=plan.slot_ids is not None,
-        TO_KV=to_kv,
-        num_warps=NUM_WARPS,
-    )
+    for first in range(0, plan.count, MAX_GRID_YZ):
+        grid = (chunks_per_page, num_regions, min(MAX_GRID_YZ, plan.count - first))
+        _copy_pages_kernel[grid](
+            kv_words,
+            buf_words,
+            table,
+            num_regions,
+            plan.count,
+            first,
+            plan.slot_bytes // word,
+            CHUNK=chunk,
+            STEP=step,
+            ALIGN=max(1, vector // word),
+            EVEN=even,
+            USE_SLOTS=plan.slot_ids is not None,
+            TO_KV=to_kv,
+            num_warps=tuning.num_warps,
+        )
 
 
-def gather(src: KVRegions, block_ids: Ids, dst: torch.Tensor) -> None:
+def gather(src: KVRegions, block_ids: Ids, dst: torch.Tensor, *, tuning: Tuning = DEFAULT_TUNING) -> None:
     """Copy blocks ``block_ids`` of ``src`` into ``dst``, block-major and contiguous."""
     plan = plan_copy(src, block_ids, dst, buffer_name="dst", to_kv=False)
     _check_devices(src, dst, "dst")
-    _launch(src, plan, dst, to_kv=False)
+    _launch(src, plan, dst, to_kv=False, tuning=tuning)
 
 
-def gather_into_slots(src: KVRegions, block_ids: Ids, dst: torch.Tensor, slot_ids: Ids, slot_bytes: int) -> None:
+def gather_into_slots(
+    src: KVRegions, block_ids: Ids, dst: torch.Tensor, slot_ids: Ids, slot_bytes: int, *, tuning: Tuning = DEFAULT_TUNING
+) -> None:
     """Copy block ``block_ids[i]`` of ``src`` to ``dst`` at byte ``slot_ids[i] * slot_bytes``."""
     plan = plan_copy(src, block_ids, dst, buffer_name="dst", to_kv=False, slot_ids=slot_ids, slot_bytes=slot_bytes)
     _check_devices(src, dst, "dst")
-    _launch(src, plan, dst, to_kv=False)
+    _launch(src, plan, dst, to_kv=False, tuning=tuning)
 
 
-def scatter(dst: KVRegions, block_ids: Ids, src: torch.Tensor) -> None:
+def scatter(dst: KVRegions, block_ids: Ids, src: torch.Tensor, *, tuning: Tuning = DEFAULT_TUNING) -> None:
     """Copy the contiguous block-major ``src`` into blocks ``block_ids`` of ``dst``."""
     plan = plan_copy(dst, block_ids, src, buffer_name="src", to_kv=True)
     _check_devices(dst, src, "src")
-    _launch(dst, plan, src, to_kv=True)
+    _launch(dst, plan, src, to_kv=True, tuning=tuning)
 
 
-def scatter_from_slots(dst: KVRegions, block_ids: Ids, src: torch.Tensor, slot_ids: Ids, slot_bytes: int) -> None:
+def scatter_from_slots(
+    dst: KVRegions, block_ids: Ids, src: torch.Tensor, slot_ids: Ids, slot_bytes: int, *, tuning: Tuning = DEFAULT_TUNING
+) -> None:
     """Copy ``src`` at byte ``slot_ids[i] * slot_bytes`` into block ``block_ids[i]`` of ``dst``."""
     plan = plan_copy(dst, block_ids, src, buffer_name="src", to_kv=True, slot_ids=slot_ids, slot_bytes=slot_bytes)
     _check_devices(dst, src, "src")
-    _launch(dst, plan, src, to_kv=True)
+    _launch(dst, plan, src, to_kv=True, tuning=tuning)
