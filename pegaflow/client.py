@@ -88,16 +88,18 @@ def default_endpoint() -> str:
     return os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
 
 
-def _hash_blob(hashes: Sequence[bytes] | bytes) -> bytes:
-    """Hashes back to back, as the protocol sends them; they must all have one length."""
-    if isinstance(hashes, (bytes, bytearray)):
-        return bytes(hashes)
+def _hash_fields(hashes: Sequence[bytes], count: int | None = None) -> dict[str, Any]:
+    """``hashes`` and ``hash_bytes`` as the protocol sends them: back to back, all one length."""
+    if isinstance(hashes, (bytes, bytearray, str)):
+        raise ValueError("hashes must be a sequence of bytes, one per block")
+    if count is not None and len(hashes) != count:
+        raise ValueError(f"{len(hashes)} hashes for {count} block ids")
     if not hashes:
-        return b""
+        return {"hashes": b"", "hash_bytes": 32}
     lengths = set(map(len, hashes))
     if len(lengths) != 1:
         raise ValueError(f"hashes must all have one length, got lengths {sorted(lengths)}")
-    return b"".join(hashes)
+    return {"hashes": b"".join(hashes), "hash_bytes": lengths.pop()}
 
 
 def _id_list(ids: Sequence[int] | Any) -> list[int]:
@@ -185,16 +187,17 @@ class PegaClient:
         with self._lock:
             self._shared.pop((instance_id, rank), None)
 
-    def query(self, instance_id: str, hashes: Sequence[bytes] | bytes) -> int:
+    def query(self, instance_id: str, hashes: Sequence[bytes]) -> int:
         """How many leading ``hashes`` the server holds on every rank."""
-        return self._call({"op": "query", "instance_id": instance_id, "hashes": _hash_blob(hashes)})["hits"]
+        return self._call({"op": "query", "instance_id": instance_id, **_hash_fields(hashes)})["hits"]
 
     def save(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
-             hashes: Sequence[bytes] | bytes, event: Any = None) -> None:
+             hashes: Sequence[bytes], event: Any = None) -> None:
         """Start saving blocks; returns once accepted. ``event``: an interprocess CUDA event
         (or its IPC handle) recorded after the forward that wrote the blocks."""
-        msg = {"op": "save", "instance_id": instance_id, "rank": rank, "job_id": job_id,
-               "block_ids": _id_list(block_ids), "hashes": _hash_blob(hashes)}
+        ids = _id_list(block_ids)
+        msg = {"op": "save", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
+               **_hash_fields(hashes, len(ids))}
         if event is not None:
             if not isinstance(event, (bytes, bytearray)):
                 from pegaflow.sharing import share_event
@@ -204,10 +207,11 @@ class PegaClient:
         self._call(msg)
 
     def load(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
-             hashes: Sequence[bytes] | bytes) -> None:
+             hashes: Sequence[bytes]) -> None:
         """Start loading blocks ``hashes`` into ``block_ids``; returns once accepted."""
-        self._call({"op": "load", "instance_id": instance_id, "rank": rank, "job_id": job_id,
-                    "block_ids": _id_list(block_ids), "hashes": _hash_blob(hashes)})
+        ids = _id_list(block_ids)
+        self._call({"op": "load", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
+                    **_hash_fields(hashes, len(ids))})
 
     def poll_completions(self, timeout_s: float = 0.0) -> list[Completion]:
         """Completions received so far; waits up to ``timeout_s`` for one if there are none."""

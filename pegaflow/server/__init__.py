@@ -18,16 +18,17 @@ Requests (``{"op": ..., "id": <int>, ...}``; the reply echoes ``id``)
     register_kv_caches(instance_id, rank, storage{kind, ...}, regions[[offset, block_stride,
                        page_bytes]], num_blocks, device_uuid?)   -> {block_bytes}
     unregister_kv_caches(instance_id, rank) -> {}
-    query(instance_id, hashes: bin)        -> {hits}      longest prefix held on every rank
-    save(instance_id, rank, job_id, block_ids[], hashes: bin, event?: bin) -> {job_id}
-    load(instance_id, rank, job_id, block_ids[], hashes: bin)              -> {job_id}
+    query(instance_id, hashes: bin, hash_bytes)  -> {hits}   longest prefix held on every rank
+    save(instance_id, rank, job_id, block_ids[], hashes: bin, hash_bytes, event?: bin) -> {job_id}
+    load(instance_id, rank, job_id, block_ids[], hashes: bin, hash_bytes)              -> {job_id}
     unregister(instance_id)                -> {}
     stats()                                -> {stats}
     health()                               -> {status, uptime_s}
     heartbeat(session)                     (no reply)
     bye()                                  (no reply; ends the session now)
 ``hashes`` is one ``bin``: the hashes back to back, ``hash_bytes`` each (8..64, fixed per
-instance; vLLM's sha256 gives 32), one per block id. ``event`` is the 64-byte IPC handle of
+instance at registration; vLLM's sha256 gives 32), one per block id; ``hash_bytes`` must
+equal the instance's, so a hash of the wrong length is refused, never re-sliced. ``event`` is the 64-byte IPC handle of
 an interprocess CUDA event recorded after the forward that wrote the blocks: the save's
 copy waits on it on the GPU (no host-side wait).
 

@@ -217,10 +217,12 @@ class Query:
     id: int
     instance_id: str
     hashes: bytes  # back to back, hash_bytes each
+    hash_bytes: int  # the length of each, as the client sees them: checked against the instance's
 
     def __post_init__(self) -> None:
         check_str("instance_id", self.instance_id)
         _check_hashes(self.hashes)
+        check_int("hash_bytes", self.hash_bytes, MIN_HASH_BYTES, MAX_HASH_BYTES)
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,7 @@ class Transfer:
     job_id: int
     block_ids: list[int]
     hashes: bytes
+    hash_bytes: int
     event: bytes | None = None  # save: the CUDA IPC handle of the event after the forward
 
     def __post_init__(self) -> None:
@@ -242,6 +245,7 @@ class Transfer:
         check_int("job_id", self.job_id, 0, MAX_ID)
         check_ids("block_ids", self.block_ids, MAX_BLOCK_ID, MAX_BLOCKS_PER_OP)
         _check_hashes(self.hashes)
+        check_int("hash_bytes", self.hash_bytes, MIN_HASH_BYTES, MAX_HASH_BYTES)
         if self.event is not None:
             if self.op != "save":
                 raise _bad("event", "absent on a load", self.event)
@@ -289,9 +293,9 @@ _OPS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
     ),
     "register_kv_caches": (RegisterKV, ("instance_id", "rank", "storage", "regions", "num_blocks"), ("device_uuid",)),
     "unregister_kv_caches": (UnregisterKV, ("instance_id", "rank"), ()),
-    "query": (Query, ("instance_id", "hashes"), ()),
-    "save": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes"), ("event",)),
-    "load": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes"), ()),
+    "query": (Query, ("instance_id", "hashes", "hash_bytes"), ()),
+    "save": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ("event",)),
+    "load": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ()),
     "unregister": (Unregister, ("instance_id",), ()),
     "stats": (Stats, (), ()),
     "health": (Health, (), ()),

@@ -93,7 +93,8 @@ class Service:
             return self._handlers[type(request)](identity, session, request, now)
         except P.ProtocolError as exc:
             self.counters.errors[exc.code] += 1
-            return P.error_reply(exc.request_id, exc.code, exc.message)
+            request_id = exc.request_id if exc.request_id is not None else getattr(request, "id", None)
+            return P.error_reply(request_id, exc.code, exc.message)
         except Exception as exc:  # a bug or an engine failure: answer, log, keep serving
             logger.exception("request from %r failed", identity)
             self.counters.errors[P.INTERNAL] += 1
@@ -279,6 +280,9 @@ class Service:
         if spec is None:
             raise P.ProtocolError(P.UNKNOWN_INSTANCE, f"unknown instance {req.instance_id!r}", req.id)
         count, rest = divmod(len(req.hashes), spec.hash_bytes)
+        if req.hash_bytes != spec.hash_bytes:
+            raise P.ProtocolError(P.BAD_HASH, f"hashes of {req.hash_bytes} bytes: instance {req.instance_id!r} "
+                                  f"uses {spec.hash_bytes}", req.id)
         if rest or count > P.MAX_HASHES_PER_OP:
             raise P.ProtocolError(P.BAD_HASH, f"{len(req.hashes)} bytes of hashes are not at most "
                                   f"{P.MAX_HASHES_PER_OP} hashes of {spec.hash_bytes} bytes", req.id)
@@ -294,6 +298,9 @@ class Service:
         spec = self._instance(req.instance_id, req.id)
         registration = self._registration(identity, req.instance_id, req.rank, req.id)
         count = len(req.block_ids)
+        if req.hash_bytes != spec.hash_bytes:
+            raise P.ProtocolError(P.BAD_HASH, f"hashes of {req.hash_bytes} bytes: instance {req.instance_id!r} "
+                                  f"uses {spec.hash_bytes}", req.id)
         if len(req.hashes) != count * spec.hash_bytes:
             raise P.ProtocolError(P.BAD_HASH, f"{len(req.hashes)} bytes of hashes for {count} blocks: expected "
                                   f"{count} hashes of {spec.hash_bytes} bytes", req.id)
