@@ -229,8 +229,11 @@ class PegaKVConnector(KVConnectorBase_V1):
         return self._scheduler.request_finished(request, block_ids)
 
     def has_pending_push_work(self) -> bool:
-        # Keep the engine stepping until every save has reported, so pinned blocks come back.
-        return self._scheduler is not None and self._scheduler.has_pending_saves()
+        # Keep the engine stepping until every save has reported, so pinned blocks come back;
+        # not while the server is unreachable (the deadline will free them at a later step,
+        # and an idle engine must not spin on empty steps for that long).
+        scheduler = self._scheduler
+        return scheduler is not None and scheduler.has_pending_saves() and not scheduler.link.gate.down
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         scheduler = getattr(self, "_scheduler", None)

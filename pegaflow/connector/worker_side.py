@@ -318,11 +318,12 @@ class ConnectorWorker:
             else:
                 logger.error("PegaFlow refused a transfer of rank %d: %s", self.rank, exc)
 
-    def collect(self) -> None:
-        """Take the server's completions (no waiting) and give up jobs past their deadline."""
+    def collect(self, wait_s: float = 0.0) -> None:
+        """Take the server's completions and give up jobs past their deadline. vLLM's step
+        never waits (``wait_s=0``); tests may wait for a completion when idle."""
         if (self._loads or self._saves) and self.link.available():
             try:
-                completions = self.link.call("poll_completions", 0.0)
+                completions = self.link.call("poll_completions", wait_s)
             except (LinkUnavailable, LinkRejected):
                 completions = []
             for raw in completions:
