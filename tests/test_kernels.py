@@ -309,6 +309,11 @@ def test_block_first_layers_merge_into_one_region() -> None:
     assert region.page_bytes == 2 * built.page_bytes
     assert region.block_stride == built.block_stride == region.page_bytes
     assert len(LAYOUTS["LBHNC"]("cpu").regions.regions) == 2
+    # One block: a layer-first layer stride equals the page, yet the layers stay apart.
+    one = allocate_attention_kv_cache(
+        "LBNHC", num_layers=3, num_blocks=1, num_kv_heads=1, head_size=4, block_size=2, dtype=torch.float16
+    )
+    assert len(one.regions.regions) == 3
     assert len(LAYOUTS["kv_first"]("cpu").regions.regions) == 4
 
 

@@ -47,7 +47,7 @@ def regions_from_kv_cache_tensor(
 
     ``buffer`` is any tensor over the backing storage (the int8 buffer or a layer's view);
     byte offsets count from the start of that storage. When the layers of a block lie back to
-    back (``layer_stride == page_bytes``, the block-first layouts) they form one region whose
+    back (``layer_stride == page_bytes``: the block-first layouts) they form one region whose
     page spans all layers: the same bytes in the same order, fewer and longer copies.
     """
     for name, value in (("offset", offset), ("layer_stride", layer_stride), ("num_layers", num_layers)):
@@ -57,7 +57,7 @@ def regions_from_kv_cache_tensor(
         raise ValueError("num_layers must be > 0")
     if num_layers > 1 and layer_stride < page_bytes:
         raise ValueError(f"layer_stride ({layer_stride}) is smaller than page_bytes ({page_bytes}): layers overlap")
-    if num_layers == 1 or layer_stride == page_bytes:
+    if num_layers == 1 or (layer_stride == page_bytes and block_stride >= num_layers * page_bytes):
         regions = (Region(buffer, offset, block_stride, num_layers * page_bytes),)
     else:
         regions = tuple(Region(buffer, offset + l * layer_stride, block_stride, page_bytes) for l in range(num_layers))
