@@ -173,7 +173,7 @@ def test_preemption_while_loads_and_saves_in_flight(server):
     assert_scheduler_empty(engine)
 
 
-def test_server_killed_mid_run_requests_recompute_and_finish(server):
+def test_server_killed_mid_run_requests_recompute_and_finish(server, caplog):
     srv = ServerProcess(pool_size="16mb")
     try:
         extra = {"rpc_timeout_s": 0.3, "transfer_timeout_s": 1.0, "retry_initial_s": 0.2, "retry_max_s": 1.0}
@@ -196,5 +196,30 @@ def test_server_killed_mid_run_requests_recompute_and_finish(server):
         assert totals["loads_failed"] == 1 and totals["saves_failed"] >= 1
         assert totals["lookup_errors"] >= 1
         assert_scheduler_empty(engine)
+        outage = [r.getMessage() for r in caplog.records if "unreachable from" in r.getMessage()]
+        for side in ("scheduler", "worker rank 0"):  # one warning per side, not one per call
+            assert sum(f"from the {side} (" in m for m in outage) <= 1, outage
     finally:
         srv.stop(signal.SIGKILL)
+
+
+def test_stats_aggregate_and_export_to_prometheus(server):
+    import functools
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from pegaflow.connector.connector import PegaKVConnector
+
+    a = PegaKVConnector.build_kv_connector_stats({"loads": 1, "save_blocks": 4, "pinned_blocks": 3})
+    b = PegaKVConnector.build_kv_connector_stats({"loads": 2, "pinned_blocks": 1})
+    assert a.aggregate(b).reduce() == {"loads": 3, "save_blocks": 4, "pinned_blocks": 1}
+    assert PegaKVConnector.build_kv_connector_stats({}).is_empty()
+
+    registry = CollectorRegistry()
+    types = {cls: functools.partial(cls, registry=registry) for cls in (Counter, Gauge, Histogram)}
+    setup = make_setup(server.ipc, instance_id="prom")
+    prom = PegaKVConnector.build_prom_metrics(setup.vllm_config, types, ["engine"], {0: ["0"]})
+    prom.observe({"loads": 3, "pinned_blocks": 5, "unknown": 1}, 0)
+    prom.observe({"loads": 2, "pinned_blocks": 2}, 0)
+    assert registry.get_sample_value("vllm:pegaflow_loads_total", {"engine": "0"}) == 5
+    assert registry.get_sample_value("vllm:pegaflow_pinned_blocks", {"engine": "0"}) == 2
