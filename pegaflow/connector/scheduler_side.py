@@ -170,7 +170,9 @@ class ConnectorScheduler:
 
         loads, self._planned_loads = self._planned_loads, []
         for job in loads:
-            self.trackers[job.req_id].load_sent()
+            tracker = self.trackers.get(job.req_id)
+            if tracker is not None and tracker.state is RequestState.LOAD_PLANNED:
+                tracker.load_sent()
             self._inflight_loads[job.req_id] = job
             self.counters["loads"] += 1
             self.counters["load_blocks"] += len(job.hashes)
