@@ -34,6 +34,8 @@ class Tuning:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0 or value & (value - 1):
                 raise ValueError(f"{name} must be a positive power of two, got {value!r}")
+        if self.step_bytes < 8:
+            raise ValueError(f"step_bytes must be >= 8 (one widest word), got {self.step_bytes}")
         if self.step_bytes > self.chunk_bytes:
             raise ValueError(f"step_bytes ({self.step_bytes}) exceeds chunk_bytes ({self.chunk_bytes})")
         if self.num_warps > 32:
