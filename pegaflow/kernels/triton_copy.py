@@ -60,7 +60,9 @@ class Tuning:
 # (--tunings) on the GPU; set the winner here and say which card and run chose it.
 DEFAULT_TUNING = Tuning(chunk_bytes=16 * 1024, step_bytes=16 * 1024, num_warps=4)
 # Pages whose power-of-two alignment is at least this are cut into chunks that divide them
-# evenly, so no program needs a mask (masks with unknown bounds stop vectorised accesses).
+# evenly, so no program needs a mask; smaller even chunks would mean many tiny programs, so
+# such pages (fp8_ds_mla's 656-byte rows) take masked chunks of the tuned size instead.
+# Chosen by reasoning, not measured: the masked path is vectorised too (alignment hints).
 MIN_EVEN_CHUNK_BYTES = 2 * 1024
 # Widest access Triton emits per thread: alignment hints beyond this buy nothing.
 VECTOR_BYTES = 16
