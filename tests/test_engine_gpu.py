@@ -1,0 +1,202 @@
+"""The engine on CUDA: staged and zero-copy round trips bit-exact, event ordering both ways,
+saves and loads at the same time. Skipped without a GPU (conftest.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pegaflow.engine import Engine, EngineConfig, InstanceSpec
+from pegaflow.engine.engine import SLOT_ALIGN
+from pegaflow.kernels.layouts import allocate_attention_kv_cache, allocate_mla_kv_cache
+
+pytestmark = pytest.mark.gpu
+
+NUM_BLOCKS = 64
+# Cycles of torch.cuda._sleep that keep a producer stream busy far longer than it takes the
+# host to enqueue a save (about 0.3-0.5 s at H100/H200 clocks).
+PRODUCER_SLEEP_CYCLES = 800_000_000
+
+
+def hashes(n: int) -> list[bytes]:
+    return [os.urandom(32) for _ in range(n)]
+
+
+def make_cache(kind: str):
+    if kind == "mla":
+        return allocate_mla_kv_cache(num_layers=3, num_blocks=NUM_BLOCKS, block_size=8, device="cuda")
+    return allocate_attention_kv_cache(
+        kind, num_layers=4, num_blocks=NUM_BLOCKS, num_kv_heads=2, head_size=32, block_size=4,
+        dtype=torch.bfloat16, device="cuda",
+    )  # fmt: skip
+
+
+def spec_for(cache, instance_id: str = "vllm-0") -> InstanceSpec:
+    return InstanceSpec(instance_id, "m", "bf16", "x", 4, tuple(r.page_bytes for r in cache.regions.regions))
+
+
+def slot_of(cache) -> int:
+    return -(-cache.regions.block_bytes // SLOT_ALIGN) * SLOT_ALIGN
+
+
+def blocks(cache, ids) -> list[torch.Tensor]:
+    """Each block's content (region pages back to back) as a CPU uint8 tensor."""
+    pages = [r.pages(cache.regions.num_blocks) for r in cache.regions.regions]
+    return [torch.cat([p[b] for p in pages]).cpu() for b in ids]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def engine_for(cache, mode: str, slots: int, chunk_blocks: int = 3) -> Engine:
+    slot = slot_of(cache)
+    config = EngineConfig(pool_bytes=slots * slot, devices=(0,), staging_bytes=2 * chunk_blocks * slot, save_mode=mode)
+    engine = Engine(config)
+    engine.register_instance(spec_for(cache))
+    engine.register_kv("vllm-0", 0, cache.regions)
+    return engine
+
+
+@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
+@pytest.mark.parametrize("kind", ["LBNHC", "BLNHC", "mla"])
+def test_round_trip_bit_exact_in_chunks(mode, kind):
+    cache = make_cache(kind)
+    engine = engine_for(cache, mode, slots=64)
+    try:
+        src = [40, 3, 17, 5, 6, 7, 8, 63, 0, 22, 11]  # 11 blocks: 4 chunks of <= 3
+        hs = hashes(len(src))
+        expected = blocks(cache, src)
+        handle = engine.save("vllm-0", 0, src, hs)
+        assert handle.wait(30).ok and handle.event is not None
+        assert engine.query("vllm-0", hs) == len(src)
+        before = cache.buffer.clone()
+        dst = [1, 2, 4, 9, 10, 12, 13, 14, 15, 16, 18]
+        result = engine.load("vllm-0", 0, dst, hs).wait(30)
+        assert result.ok and result.num_blocks == len(dst)
+        assert same(blocks(cache, dst), expected)
+        others = [b for b in range(NUM_BLOCKS) if b not in dst]
+        assert same(blocks(cache, others), [blk for blk in _blocks_of_buffer(cache, before, others)])
+    finally:
+        engine.close()
+
+
+def _blocks_of_buffer(cache, buffer: torch.Tensor, ids) -> list[torch.Tensor]:
+    out = []
+    for b in ids:
+        parts = [buffer[r.offset + b * r.block_stride : r.offset + b * r.block_stride + r.page_bytes] for r in cache.regions.regions]
+        out.append(torch.cat(parts).view(torch.uint8).cpu())
+    return out
+
+
+@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
+def test_scattered_slots_after_eviction_round_trip(mode):
+    cache = make_cache("LBNHC")
+    engine = engine_for(cache, mode, slots=8)
+    try:
+        first = hashes(8)
+        for i in range(8):
+            engine.save("vllm-0", 0, [i], first[i : i + 1]).wait(30)
+        for i in (1, 3, 5, 7):
+            engine.query("vllm-0", first[i : i + 1])  # 0, 2, 4, 6 become least recently used
+        new = hashes(4)
+        src = [20, 21, 22, 23]
+        expected = blocks(cache, src)
+        result = engine.save("vllm-0", 0, src, new).wait(30)
+        assert result.ok and result.num_blocks == 4 and engine.stats()["evictions"] == 4
+        assert engine.load("vllm-0", 0, [30, 31, 32, 33], new).wait(30).ok
+        assert same(blocks(cache, [30, 31, 32, 33]), expected)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
+def test_save_reads_blocks_only_after_the_producer_event(mode):
+    cache = make_cache("LBNHC")
+    engine = engine_for(cache, mode, slots=64)
+    try:
+        ids = list(range(0, 40, 4))
+        hs = hashes(len(ids))
+        fresh = torch.empty_like(cache.buffer).random_(-128, 128)
+        torch.cuda.synchronize()
+        producer = torch.cuda.Stream()
+        with torch.cuda.stream(producer):
+            torch.cuda._sleep(PRODUCER_SLEEP_CYCLES)
+            cache.buffer.copy_(fresh)  # the "forward" writes the blocks after a long time
+        written = torch.cuda.Event()
+        written.record(producer)
+        handle = engine.save("vllm-0", 0, ids, hs, after_event=written)
+        if not handle.done():
+            assert engine.query("vllm-0", hs) == 0  # not READY before its copy completed
+        assert handle.wait(60).ok
+        expected = _blocks_of_buffer(cache, fresh, ids)
+        torch.cuda.synchronize()
+        cache.buffer.random_(-128, 128)
+        assert engine.load("vllm-0", 0, ids, hs).wait(30).ok
+        assert same(blocks(cache, ids), expected), "the save read blocks before the producer wrote them"
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
+def test_a_consumer_stream_waiting_on_the_load_event_sees_the_blocks(mode):
+    cache = make_cache("LBNHC")
+    engine = engine_for(cache, mode, slots=64)
+    try:
+        ids = list(range(10))
+        hs = hashes(len(ids))
+        expected = blocks(cache, ids)
+        engine.save("vllm-0", 0, ids, hs).wait(30)
+        torch.cuda.synchronize()
+        cache.buffer.random_(-128, 128)
+        torch.cuda.synchronize()
+        handle = engine.load("vllm-0", 0, ids, hs)
+        consumer = torch.cuda.Stream()
+        consumer.wait_event(handle.event)
+        with torch.cuda.stream(consumer):
+            snapshot = cache.buffer.clone()  # ordered after the load by the event alone
+        consumer.synchronize()
+        assert same(_blocks_of_buffer(cache, snapshot, ids), expected)
+        assert handle.wait(30).ok
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
+def test_saves_and_loads_at_the_same_time(mode):
+    cache = make_cache("LBNHC")
+    engine = engine_for(cache, mode, slots=64)
+    try:
+        held = hashes(16)
+        expected_loaded = blocks(cache, range(16))
+        engine.save("vllm-0", 0, list(range(16)), held).wait(30)
+        cache.buffer[: cache.buffer.numel() // 2].random_(-128, 128)
+        torch.cuda.synchronize()
+        saving = list(range(40, 56))
+        expected_saved = blocks(cache, saving)
+        new = hashes(16)
+        load = engine.load("vllm-0", 0, list(range(20, 36)), held)
+        save = engine.save("vllm-0", 0, saving, new)
+        assert load.wait(30).ok and save.wait(30).ok
+        assert same(blocks(cache, range(20, 36)), expected_loaded)
+        assert engine.load("vllm-0", 0, list(range(16)), new).wait(30).ok
+        assert same(blocks(cache, range(16)), expected_saved)
+    finally:
+        engine.close()
+
+
+def test_kv_on_a_device_the_engine_does_not_serve_is_rejected():
+    cache = make_cache("LBNHC")
+    engine = Engine(EngineConfig(pool_bytes=1 << 20, devices=(0,)))
+    try:
+        engine.register_instance(spec_for(cache))
+        with pytest.raises(ValueError, match="device=1"):
+            engine.register_kv("vllm-0", 0, cache.regions, device=1)
+        cpu = allocate_attention_kv_cache("LBNHC", num_layers=4, num_blocks=8, num_kv_heads=2, head_size=32,
+                                          block_size=4, dtype=torch.bfloat16)  # fmt: skip
+        with pytest.raises(ValueError, match="cpu"):
+            engine.register_kv("vllm-0", 0, cpu.regions)
+    finally:
+        engine.close()
