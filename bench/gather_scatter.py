@@ -54,7 +54,7 @@ from pegaflow.kernels.triton_copy import DEFAULT_TUNING, Tuning  # noqa: E402
 GIB = 1 << 30
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-DEFAULT_TUNINGS = "16384:16384:4,16384:4096:4,8192:8192:4,32768:32768:8,65536:16384:8"
+DEFAULT_TUNINGS = "16384:4096:4,16384:16384:4,8192:4096:4,32768:4096:4,16384:4096:8,16384:2048:4"
 
 
 @dataclass(frozen=True)
