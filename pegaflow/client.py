@@ -282,8 +282,12 @@ class PegaClient:
     def _hello(self, deadline: float) -> dict[str, Any]:
         reply = self._request({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(),
                                "name": self.name[:256] or "client"}, deadline)
-        self.server_info = {k: v for k, v in reply.items() if k not in ("id", "ok")}
+        self.server_info = {k: v for k, v in reply.items() if k not in ("id", "ok", "lost_jobs")}
         self._need_hello = False
+        for job_id in reply.get("lost_jobs") or ():
+            self._completions.append(Completion(
+                job_id=int(job_id), kind="", ok=False,
+                error="session expired on the server (this client was silent too long): job abandoned"))
         if not reply.get("resumed", False):
             logger.info("session opened with %s (server %s)", self.endpoint, reply.get("server"))
         if self._heartbeat_enabled and self._hb_thread is None:

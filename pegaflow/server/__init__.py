@@ -12,7 +12,7 @@ Sockets
 
 Requests (``{"op": ..., "id": <int>, ...}``; the reply echoes ``id``)
     hello(version, pid?, name?)            -> {version, server, cpu_mode, devices, heartbeat_s,
-                                               client_timeout_s, max_message_bytes, resumed}
+                                               client_timeout_s, max_message_bytes, resumed, lost_jobs}
     register_instance(instance_id, model, kv_dtype, layout, block_size, page_bytes[],
                       tp_size?, replicated?, hash_bytes?)   -> {namespace}
     register_kv_caches(instance_id, rank, storage{kind, ...}, regions[[offset, block_stride,
@@ -51,5 +51,7 @@ is expired by a sweep that runs every ``heartbeat_s``: its KV cache registration
 (the engine forgets them, the shared mapping is dropped) as soon as its in-flight copies
 finish, which the engine bounds by its write timeout. So a killed client's pins and mappings
 are gone within ``client_timeout * 1.25`` plus the longest transfer it had in flight. A
-client that closes cleanly (``bye``) is released at once.
+client that closes cleanly (``bye``) is released at once. A client that was only slow and
+says hello again after its session expired gets ``lost_jobs``: the jobs it had in flight,
+whose completions it will never receive (the client reports them as failed completions).
 """

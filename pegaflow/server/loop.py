@@ -205,6 +205,7 @@ class ServerLoop:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
             if keep:
+                logger.debug("push to %r deferred: %s", identity, exc)
                 self.service.defer(identity, frame)  # delivered when the client talks again
             else:
                 logger.debug("reply to %r dropped: its socket is gone", identity)

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 # Ops a client may send before its hello: read-only and liveness.
 _SESSIONLESS = (P.Hello, P.Health, P.Stats, P.Heartbeat)
+# Expired sessions whose lost job ids are kept for a hello that may come back.
+MAX_LOST_SESSIONS = 1024
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Service:
         self.registrations: dict[tuple[str, int], Registration] = {}
         self.jobs: dict[tuple[bytes, int], Job] = {}
         self.open_mappings = 0
+        self._lost_jobs: dict[bytes, list[int]] = {}  # expired sessions' jobs in flight, by identity
         self._wake = wake
         self._done: collections.deque = collections.deque()  # appended from engine threads
         self._handlers: dict[type, Callable] = {
@@ -137,7 +140,7 @@ class Service:
             logger.warning("client %s (pid %s) silent for %.1f s: releasing its %d registration(s)",
                            session.name, session.pid, now - session.last_seen, len(session.registrations))
             self.counters.sessions_expired += 1
-            self._end_session(identity)
+            self._end_session(identity, expired=True)
 
     def fail_inflight(self, reason: str) -> list[tuple[bytes, bytes]]:
         """Shutdown past its drain deadline: report every job still running as failed."""
@@ -167,6 +170,7 @@ class Service:
                 req.id,
             )
         resumed = session is not None
+        lost_jobs = self._lost_jobs.pop(identity, [])
         if session is None:
             session = Session(identity=identity, pid=req.pid, name=req.name, last_seen=now)
             self.sessions[identity] = session
@@ -177,7 +181,7 @@ class Service:
         return P.ok_reply(
             req.id, version=P.PROTOCOL_VERSION, server=pegaflow.__version__, cpu_mode=self.cpu_mode,
             devices=list(self.devices), heartbeat_s=self.heartbeat_s, client_timeout_s=self.client_timeout_s,
-            max_message_bytes=P.MAX_MESSAGE_BYTES, resumed=resumed,
+            max_message_bytes=P.MAX_MESSAGE_BYTES, resumed=resumed, lost_jobs=lost_jobs,
         )
 
     def _heartbeat(self, identity: bytes, session: Session | None, req: P.Heartbeat, now: float) -> None:
@@ -421,10 +425,15 @@ class Service:
         if registration.closing and registration.inflight == 0:
             self._finalize(registration)
 
-    def _end_session(self, identity: bytes) -> None:
+    def _end_session(self, identity: bytes, expired: bool = False) -> None:
         session = self.sessions.pop(identity, None)
         if session is None:
             return
+        if expired and session.jobs:
+            # A client that was only slow says hello again: tell it which jobs it will never hear of.
+            self._lost_jobs[identity] = sorted(session.jobs)
+            while len(self._lost_jobs) > MAX_LOST_SESSIONS:
+                self._lost_jobs.pop(next(iter(self._lost_jobs)))
         dead = session.process_gone()
         for key in list(session.registrations):
             registration = self.registrations.get(key)

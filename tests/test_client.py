@@ -1,0 +1,198 @@
+"""The client's deadlines, reconnection and reply matching, against fake and real servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import msgpack
+import pytest
+import zmq
+
+from pegaflow.client import DEFAULT_ENDPOINT, PegaClient, PegaServerError, PegaTimeoutError, default_endpoint
+from pegaflow.server import protocol as P
+from pegaflow.server.spawn import ServerProcess
+from test_server_support import hashes, new_instance, register, wait_completion
+
+
+class FakeServer:
+    """A ROUTER in a thread that answers by a script: ``script(request) -> list of replies``."""
+
+    def __init__(self, script) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.script = script
+        self.requests: list[dict] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            if not self.sock.poll(50):
+                continue
+            identity, frame = self.sock.recv_multipart()
+            request = msgpack.unpackb(frame)
+            self.requests.append(request)
+            for reply in self.script(request):
+                self.sock.send_multipart([identity, msgpack.packb(reply)])
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+        self.ctx.term()
+
+
+def hello_reply(request: dict) -> dict:
+    return {"id": request["id"], "ok": True, "version": P.PROTOCOL_VERSION, "heartbeat_s": 1.0, "resumed": False}
+
+
+def test_default_endpoint_comes_from_the_environment(monkeypatch):
+    monkeypatch.delenv("PEGAFLOW_ENGINE_ENDPOINT", raising=False)
+    assert default_endpoint() == DEFAULT_ENDPOINT == "ipc:///tmp/pega_engine.sock"
+    monkeypatch.setenv("PEGAFLOW_ENGINE_ENDPOINT", "tcp://10.0.0.1:5")
+    assert PegaClient().endpoint == "tcp://10.0.0.1:5"
+
+
+def test_no_server_times_out_then_fails_fast_during_backoff():
+    client = PegaClient("ipc:///tmp/pf-nobody-listens.sock", timeout_s=0.2, heartbeat=False)
+    with pytest.raises(PegaTimeoutError):
+        client.health()
+    with pytest.raises(PegaTimeoutError, match="retrying in"):  # the backoff window: no second wait
+        client.query("x", hashes(1))
+    client.close()
+
+
+def test_a_wedged_server_times_out_and_late_replies_are_dropped():
+    held: list[dict] = []
+
+    def script(request):
+        if request["op"] == "hello":
+            return [hello_reply(request)]
+        if request["op"] == "health" and not held:
+            held.append(request)  # wedged: no reply to the first health
+            return []
+        late = [{"id": r["id"], "ok": True, "status": "stale"} for r in held]
+        held.clear()
+        return late + [{"id": request["id"], "ok": True, "status": "fresh"}]
+
+    fake = FakeServer(script)
+    client = PegaClient(fake.endpoint, timeout_s=0.3, heartbeat=False)
+    try:
+        with pytest.raises(PegaTimeoutError):
+            client.health()
+        client._down_until = 0.0  # skip the backoff window rather than sleep through it
+        assert client.health()["status"] == "fresh"  # the stale reply to the old id was dropped
+        assert [r["op"] for r in fake.requests] == ["hello", "health", "hello", "health"]  # re-hello after reconnect
+    finally:
+        client.close()
+        fake.close()
+
+
+def test_error_replies_raise_server_errors_and_completions_are_collected():
+    def script(request):
+        if request["op"] == "hello":
+            return [hello_reply(request)]
+        completion = {"op": "completion", "job_id": 4, "kind": "save", "ok": True, "num_blocks": 2, "nbytes": 64,
+                      "skipped": [1], "missing": [], "error": None}
+        return [completion, {"id": request["id"], "ok": False, "code": "out_of_range", "message": "block 9"}]
+
+    fake = FakeServer(script)
+    client = PegaClient(fake.endpoint, timeout_s=2.0, heartbeat=False)
+    try:
+        with pytest.raises(PegaServerError) as info:
+            client.save("i", 0, 4, [9], hashes(1))
+        assert info.value.code == "out_of_range" and "block 9" in info.value.message
+        (done,) = client.poll_completions()
+        assert done.job_id == 4 and done.ok and done.skipped == (1,)
+        assert client.poll_completions() == []
+    finally:
+        client.close()
+        fake.close()
+
+
+def test_version_mismatch_is_a_clear_error():
+    def script(request):
+        return [{"id": request["id"], "ok": False, "code": P.VERSION_MISMATCH, "message": "client speaks 1, server 9"}]
+
+    fake = FakeServer(script)
+    client = PegaClient(fake.endpoint, timeout_s=2.0, heartbeat=False)
+    try:
+        with pytest.raises(PegaServerError) as info:
+            client.health()
+        assert info.value.code == P.VERSION_MISMATCH
+    finally:
+        client.close()
+        fake.close()
+
+
+def test_client_checks_hashes_before_sending():
+    client = PegaClient("ipc:///tmp/pf-unused.sock", timeout_s=0.1, heartbeat=False)
+    with pytest.raises(ValueError, match="one length"):
+        client.query("i", [os.urandom(32), os.urandom(16)])
+    with pytest.raises(ValueError, match="3 hashes for 2"):
+        client.load("i", 0, 1, [1, 2], hashes(3))
+    client.close()
+
+
+def test_a_restarted_server_renews_the_session_and_stateless_calls_retry():
+    first = ServerProcess(pool_size="8mb")
+    client = PegaClient(first.ipc, timeout_s=10.0)
+    try:
+        cache = new_instance(client)
+        register(client, cache)
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(30) == 0
+        second = ServerProcess("--endpoint", first.ipc, pool_size="8mb")
+        try:
+            assert client.health()["status"] == "ok"  # the socket reconnected by itself
+            # The new server has no session for us: the query says hello again and is retried
+            # once; it then fails only because the instance died with the old server.
+            with pytest.raises(PegaServerError) as info:
+                client.query(cache.instance_id, hashes(1))
+            assert info.value.code == P.UNKNOWN_INSTANCE
+            assert client.stats()["server"]["sessions"] == 1
+            cache2 = new_instance(client)
+            register(client, cache2)
+            client.save(cache2.instance_id, 0, 1, [0, 1], hashes(2))
+            assert wait_completion(client, 1).ok
+        finally:
+            assert second.stop() == 0
+    finally:
+        client.close()
+        first.stop()
+
+
+def test_no_session_renews_the_session_retries_stateless_calls_and_not_saves():
+    state = {"sessions": 0}
+
+    def script(request):
+        if request["op"] == "hello":
+            state["sessions"] += 1
+            return [{**hello_reply(request), "lost_jobs": [7] if state["sessions"] == 2 else []}]
+        if state.pop("forget", False):  # the server lost our session (restart, or expiry)
+            return [{"id": request["id"], "ok": False, "code": P.NO_SESSION, "message": "send hello first"}]
+        return [{"id": request["id"], "ok": True, "hits": 1}]
+
+    fake = FakeServer(script)
+    client = PegaClient(fake.endpoint, timeout_s=2.0, heartbeat=False)
+    try:
+        assert client.query("i", hashes(1)) == 1
+        state["forget"] = True
+        assert client.query("i", hashes(1)) == 1  # hello again, then the query once more
+        assert state["sessions"] == 2
+        (lost,) = client.poll_completions()  # the job the expired session had in flight
+        assert lost.job_id == 7 and not lost.ok and "expired" in lost.error
+        state["forget"] = True
+        with pytest.raises(PegaServerError) as info:  # a save needs the registration: not retried
+            client.save("i", 0, 1, [0], hashes(1))
+        assert info.value.code == P.NO_SESSION
+        assert client.query("i", hashes(1)) == 1 and state["sessions"] == 3
+    finally:
+        client.close()
+        fake.close()
