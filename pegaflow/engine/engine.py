@@ -308,6 +308,9 @@ class Engine:
         if isinstance(hashes, (str, bytes)) or not isinstance(hashes, Sequence):
             raise ValueError(f"hashes must be a sequence of bytes, got {type(hashes).__name__}")
         size = inst.spec.hash_bytes
+        # The fast path runs in C (map of builtins); the loop below only names the culprit.
+        if not hashes or (set(map(type, hashes)) == {bytes} and set(map(len, hashes)) == {size}):
+            return
         for i, h in enumerate(hashes):
             if type(h) is not bytes or len(h) != size:
                 raise ValueError(

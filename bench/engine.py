@@ -1,0 +1,240 @@
+"""Saves and loads through the Engine API against the copy ceilings of the same run.
+
+For each config (the kernel benchmark's: ``bench/gather_scatter.py``), 512 scattered blocks per
+save and per load, through ``Engine.save`` / ``Engine.load`` (validation, index, eviction,
+staging or zero-copy, completion threads: everything the server runs), timed by the wall clock
+from the first call to the last handle's completion over bursts of transfers. Ceilings, in the
+same run and on the same card: one contiguous copy of the same bytes between GPU memory and
+pinned memory each way, and both directions at once on two streams.
+
+Rows: save and load GB/s (target >= 0.93 of the one-way ceiling), save+load at once (target
+>= 0.85 of the two-direction ceiling), for ``staged`` and ``zero_copy``; then a sweep of the
+staging size (the default's justification).
+
+    python bench/engine.py --json bench/results/engine-h200.json
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(_ROOT), str(_ROOT / "bench")]
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from common import Row, arg_parser, gbps, print_table, write_json  # noqa: E402
+from gather_scatter import CONFIGS  # noqa: E402
+
+from pegaflow.engine import Engine, EngineConfig, InstanceSpec  # noqa: E402
+from pegaflow.engine.config import DEFAULT_STAGING_BYTES  # noqa: E402
+from pegaflow.engine.pool import PinnedPool  # noqa: E402
+from pegaflow.engine.transfer import GpuLane  # noqa: E402
+
+GIB, MIB = 1 << 30, 1 << 20
+DEFAULT_CONFIGS = "llama3-8b,llama3-70b-tp8,qwen2.5-7b,deepseek-v3-mla"
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+class Case:
+    """One config's KV cache registered with the engine, its block ids and hashes."""
+
+    def __init__(self, engine: Engine, name: str, blocks: int, cache_bytes: int, seed: int) -> None:
+        self.config = CONFIGS[name]
+        self.name = name
+        num_blocks = max(2 * blocks, math.ceil(cache_bytes / self.config.block_bytes))
+        self.cache = self.config.build(num_blocks, "cuda")
+        self.engine = engine
+        self.spec = InstanceSpec(
+            name, name, str(self.config.dtype), self.config.layout, self.config.block_size,
+            tuple(r.page_bytes for r in self.cache.regions.regions),
+        )  # fmt: skip
+        engine.register_instance(self.spec)
+        engine.register_kv(name, 0, self.cache.regions)
+        gen = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(num_blocks, generator=gen).tolist()
+        self.save_ids = perm[:blocks]  # scattered, disjoint from the load targets
+        self.load_ids = perm[blocks : 2 * blocks]
+        self.nbytes = blocks * self.spec.block_bytes
+        self._counter = 0
+        self.held = self.fresh_hashes()
+        assert engine.save(name, 0, self.save_ids, self.held).wait(120).ok
+
+    def fresh_hashes(self) -> list[bytes]:
+        """Hashes never saved before: a save of them always copies."""
+        self._counter += 1
+        prefix = f"{self.name}/{self._counter}/".encode()
+        return [(prefix + str(i).encode()).ljust(32, b"\0")[:32] for i in range(len(self.save_ids))]
+
+    def keep_held(self) -> None:
+        if self.engine.query(self.name, self.held) != len(self.held):
+            self.held = self.fresh_hashes()
+            assert self.engine.save(self.name, 0, self.save_ids, self.held).wait(120).ok
+
+    def save(self):
+        return self.engine.save(self.name, 0, self.save_ids, self.fresh_hashes())
+
+    def load(self):
+        return self.engine.load(self.name, 0, self.load_ids, self.held)
+
+
+def burst_gbps(case: Case, submit, count: int, repeat: int) -> float:
+    """GB/s of ``count`` transfers submitted back to back, wall clock to the last completion."""
+    rates = []
+    for i in range(repeat + 1):  # the first round warms up
+        case.keep_held()
+        torch.cuda.synchronize()
+        calls = [fn for _ in range(count) for fn in submit]
+        start = time.perf_counter()
+        handles = [fn() for fn in calls]
+        results = [h.wait(120) for h in handles]
+        elapsed = time.perf_counter() - start
+        bad = [r for r in results if not r.ok or r.skipped]
+        assert not bad, f"{case.name}: transfer failed or skipped: {bad[0]}"
+        if i:
+            rates.append(gbps(len(calls) * case.nbytes, elapsed * 1e3))
+    return statistics.median(rates)
+
+
+class Ceilings:
+    """Contiguous copies between GPU memory and pinned memory of our own pool kind."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.host = PinnedPool(2 * nbytes, pin=True, threads=os.cpu_count() or 1)
+        self.gpu = torch.empty(2 * nbytes, dtype=torch.uint8, device="cuda")
+        self.streams = (torch.cuda.Stream(), torch.cuda.Stream())
+
+    def one_way(self, nbytes: int, save: bool, repeat: int) -> float:
+        host, gpu = self.host.tensor[:nbytes], self.gpu[:nbytes]
+        copy = (lambda: host.copy_(gpu, non_blocking=True)) if save else (lambda: gpu.copy_(host, non_blocking=True))
+        return self._timed(lambda: copy(), nbytes, repeat)
+
+    def both(self, nbytes: int, repeat: int) -> float:
+        s1, s2 = self.streams
+        h = self.host.tensor
+        g = self.gpu
+
+        def run() -> None:
+            current = torch.cuda.current_stream()
+            s1.wait_stream(current)
+            s2.wait_stream(current)
+            with torch.cuda.stream(s1):
+                h[:nbytes].copy_(g[:nbytes], non_blocking=True)
+            with torch.cuda.stream(s2):
+                g[nbytes : 2 * nbytes].copy_(h[nbytes : 2 * nbytes], non_blocking=True)
+            current.wait_stream(s1)
+            current.wait_stream(s2)
+
+        return self._timed(run, 2 * nbytes, repeat)
+
+    @staticmethod
+    def _timed(fn, nbytes: int, repeat: int) -> float:
+        fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(repeat):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return gbps(nbytes, statistics.median(times))
+
+    def close(self) -> None:
+        del self.gpu
+        self.host.close()
+
+
+def use_lane(engine: Engine, cases: list[Case], staging_bytes: int, zero_copy: bool) -> None:
+    """Swap the device's lane for one with another staging size or mode, keeping the pool
+    (pinning it again per variant would cost more than the whole measurement)."""
+    engine._lanes[0].close()
+    engine._lanes[0] = GpuLane(0, engine.pool.tensor, staging_bytes, zero_copy)
+    for case in cases:
+        engine.register_kv(case.name, 0, case.cache.regions)
+
+
+def main() -> None:
+    parser = arg_parser(__doc__.splitlines()[0])
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated, from: " + ", ".join(CONFIGS))
+    parser.add_argument("--blocks", type=int, default=512, help="blocks per save and per load")
+    parser.add_argument("--cache-gib", type=float, default=4.0, help="least KV cache size per config")
+    parser.add_argument("--burst-gib", type=float, default=1.0, help="least bytes per timed burst, each way")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--sweep", default="4,8,16,32,64,128", help="staging MiB to sweep ('' to skip)")
+    parser.add_argument("--sweep-configs", default="llama3-8b,llama3-70b-tp8")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        log("no CUDA device: bench/engine.py measures GPU transfers and has nothing to run here")
+        return
+
+    names = [n for n in args.configs.split(",") if n]
+    transfer_max = max(args.blocks * CONFIGS[n].block_bytes for n in names)
+    burst = {n: max(2, math.ceil(args.burst_gib * GIB / (args.blocks * CONFIGS[n].block_bytes))) for n in names}
+    # Room for one held set per config plus a save burst (and the both-ways burst) of the largest.
+    pool_bytes = sum(args.blocks * CONFIGS[n].block_bytes for n in names) + 3 * max(
+        burst[n] * args.blocks * CONFIGS[n].block_bytes for n in names
+    )
+    t0 = time.perf_counter()
+    engine = Engine(EngineConfig(pool_bytes=pool_bytes, devices=(0,), pin_threads=os.cpu_count() or 1))
+    log(f"engine pool {pool_bytes / GIB:.1f} GiB pinned in {time.perf_counter() - t0:.1f} s ({engine.pool.timings})")
+    ceilings = Ceilings(transfer_max)
+    cases = [Case(engine, n, args.blocks, int(args.cache_gib * GIB), seed=i) for i, n in enumerate(names)]
+    rows: list[Row] = []
+
+    ceiling = {}
+    for case in cases:
+        n = case.nbytes
+        ceiling[case.name] = {
+            "save": ceilings.one_way(n, True, args.repeat),
+            "load": ceilings.one_way(n, False, args.repeat),
+            "both": ceilings.both(n, args.repeat),
+        }
+        for d in ("save", "load", "both"):
+            method = {"save": "contiguous D2H copy", "load": "contiguous H2D copy", "both": "both at once, 2 streams"}[d]
+            rows.append(Row(case.name, d, method, False, ceiling[case.name][d], "GB/s", ceiling[case.name][d]))
+
+    for mode in ("staged", "zero_copy"):
+        use_lane(engine, cases, DEFAULT_STAGING_BYTES, mode == "zero_copy")
+        for case in cases:
+            k = burst[case.name]
+            save = burst_gbps(case, [case.save], k, args.repeat)
+            load = burst_gbps(case, [case.load], k, args.repeat)
+            both = burst_gbps(case, [case.save, case.load], k, args.repeat)
+            c = ceiling[case.name]
+            note = f"{args.blocks} blocks of {case.spec.block_bytes} B, bursts of {k}"
+            rows.append(Row(case.name, "save", f"engine-{mode}", True, save, "GB/s", c["save"], note=note))
+            rows.append(Row(case.name, "load", f"engine-{mode}", True, load, "GB/s", c["load"], note=note))
+            rows.append(Row(case.name, "both", f"engine-{mode}", True, both, "GB/s", c["both"], note=note))
+            log(f"{case.name} {mode}: save {save:.1f} load {load:.1f} both {both:.1f} GB/s")
+
+    sweep_names = [n for n in args.sweep_configs.split(",") if n in names]
+    for mib in [int(m) for m in args.sweep.split(",") if m]:
+        use_lane(engine, cases, mib * MIB, False)
+        for case in (c for c in cases if c.name in sweep_names):
+            k = burst[case.name]
+            for direction, fn in (("save", case.save), ("load", case.load)):
+                value = burst_gbps(case, [fn], k, args.repeat)
+                c = ceiling[case.name][direction]
+                default = " (default)" if mib * MIB == DEFAULT_STAGING_BYTES else ""
+                rows.append(Row(case.name, direction, f"staging-{mib}MiB{default}", True, value, "GB/s", c))
+
+    engine.close()
+    ceilings.close()
+    print_table(rows)
+    write_json(args.json, "engine", rows, {"stats": {k: v for k, v in engine.stats().items()}})
+
+
+if __name__ == "__main__":
+    main()
