@@ -73,6 +73,7 @@ def test_round_trip_bit_exact_in_chunks(mode, kind):
         assert handle.wait(30).ok and handle.event is not None
         assert engine.query("vllm-0", hs) == len(src)
         before = cache.buffer.clone()
+        torch.cuda.synchronize()  # the engine's streams do not wait for ours
         dst = [1, 2, 4, 9, 10, 12, 13, 14, 15, 16, 18]
         result = engine.load("vllm-0", 0, dst, hs).wait(30)
         assert result.ok and result.num_blocks == len(dst)
@@ -132,8 +133,8 @@ def test_save_reads_blocks_only_after_the_producer_event(mode):
             assert engine.query("vllm-0", hs) == 0  # not READY before its copy completed
         assert handle.wait(60).ok
         expected = _blocks_of_buffer(cache, fresh, ids)
-        torch.cuda.synchronize()
         cache.buffer.random_(-128, 128)
+        torch.cuda.synchronize()  # the engine's streams do not wait for ours
         assert engine.load("vllm-0", 0, ids, hs).wait(30).ok
         assert same(blocks(cache, ids), expected), "the save read blocks before the producer wrote them"
     finally:

@@ -30,6 +30,11 @@ logger = logging.getLogger(__name__)
 SAVE = "save"
 LOAD = "load"
 
+# The save and load launchers of every lane enqueue Triton kernels from their own threads;
+# Triton's JIT cache (first-call compilation) is not documented as thread-safe, and a launch
+# takes microseconds, so launches take turns.
+_KERNEL_LOCK = threading.Lock()
+
 
 @dataclass(eq=False)
 class CopyJob:
@@ -239,7 +244,7 @@ class GpuLane:
             b = k % 2
             first, count = chunk[0].first, sum(p.count for p in chunk)
             path.sm.wait_event(path.free[b])
-            with torch.cuda.stream(path.sm):
+            with torch.cuda.stream(path.sm), _KERNEL_LOCK:
                 self._copier.gather_into_slots(
                     job.kv, job.block_ids[first : first + count], staging[b], list(range(count)), slot
                 )
@@ -270,7 +275,7 @@ class GpuLane:
             b, chunk = k % 2, work[k]
             first, count = chunk[0].first, sum(p.count for p in chunk)
             path.sm.wait_event(path.ready[b])
-            with torch.cuda.stream(path.sm):
+            with torch.cuda.stream(path.sm), _KERNEL_LOCK:
                 self._copier.scatter_from_slots(
                     job.kv, job.block_ids[first : first + count], staging[b], list(range(count)), slot
                 )
@@ -294,7 +299,8 @@ class GpuLane:
                 ids = job.block_ids[p.first : p.first + p.count]
                 view = self._pool[p.offset : p.offset + p.count * slot]
                 slots = list(range(p.count))
-                if job.direction == SAVE:
-                    self._copier.gather_into_slots(job.kv, ids, view, slots, slot)
-                else:
-                    self._copier.scatter_from_slots(job.kv, ids, view, slots, slot)
+                with _KERNEL_LOCK:
+                    if job.direction == SAVE:
+                        self._copier.gather_into_slots(job.kv, ids, view, slots, slot)
+                    else:
+                        self._copier.scatter_from_slots(job.kv, ids, view, slots, slot)
