@@ -74,12 +74,18 @@ class Engine:
         self.pool = PinnedPool(config.pool_bytes, pin=bool(config.devices), threads=config.pin_threads)
         self.index = BlockIndex(config.pool_bytes, config.write_timeout_s)
         self._lanes: dict[int | None, Any] = {}
-        if config.devices:
-            zero_copy = config.save_mode == "zero_copy"
-            for d in config.devices:
-                self._lanes[d] = GpuLane(d, self.pool.tensor, config.staging_bytes, zero_copy)
-        else:
-            self._lanes[None] = CpuLane(self.pool.tensor)
+        try:
+            if config.devices:
+                zero_copy = config.save_mode == "zero_copy"
+                for d in config.devices:
+                    self._lanes[d] = GpuLane(d, self.pool.tensor, config.staging_bytes, zero_copy)
+            else:
+                self._lanes[None] = CpuLane(self.pool.tensor)
+        except BaseException:
+            for lane in self._lanes.values():
+                lane.close()
+            self.pool.close()
+            raise
         logger.info("engine ready: pool %d bytes, devices %s, save mode %s", config.pool_bytes,
                     config.devices or "cpu", config.save_mode)
 

@@ -68,7 +68,11 @@ class TransferHandle:
         return self._result
 
     def add_done_callback(self, fn: Callable[[TransferResult], None]) -> None:
-        """Call ``fn(result)`` once: from an engine thread, or at once if already done."""
+        """Call ``fn(result)`` once: from an engine thread, or at once if already done.
+
+        ``fn`` runs on the thread that completes transfers: it must not block (in particular
+        not wait on another handle); hand work to another thread instead.
+        """
         with self._lock:
             if self._result is None:
                 self._callbacks.append(fn)
