@@ -39,6 +39,7 @@ from pegaflow.engine.pool import PinnedPool  # noqa: E402
 from pegaflow.engine.transfer import GpuLane  # noqa: E402
 
 GIB, MIB = 1 << 30, 1 << 20
+CUDA = torch.cuda.is_available()
 DEFAULT_CONFIGS = "llama3-8b,llama3-70b-tp8,qwen2.5-7b,deepseek-v3-mla"
 
 
@@ -53,7 +54,7 @@ class Case:
         self.config = CONFIGS[name]
         self.name = name
         num_blocks = max(2 * blocks, math.ceil(cache_bytes / self.config.block_bytes))
-        self.cache = self.config.build(num_blocks, "cuda")
+        self.cache = self.config.build(num_blocks, "cuda" if CUDA else "cpu", scale=not CUDA)
         self.engine = engine
         self.spec = InstanceSpec(
             name, name, str(self.config.dtype), self.config.layout, self.config.block_size,
@@ -93,7 +94,8 @@ def burst_gbps(case: Case, submit, count: int, repeat: int) -> float:
     rates = []
     for i in range(repeat + 1):  # the first round warms up
         case.keep_held()
-        torch.cuda.synchronize()
+        if CUDA:
+            torch.cuda.synchronize()
         calls = [fn for _ in range(count) for fn in submit]
         start = time.perf_counter()
         handles = [fn() for fn in calls]
@@ -159,6 +161,8 @@ class Ceilings:
 def use_lane(engine: Engine, cases: list[Case], staging_bytes: int, zero_copy: bool) -> None:
     """Swap the device's lane for one with another staging size or mode, keeping the pool
     (pinning it again per variant would cost more than the whole measurement)."""
+    if not CUDA:
+        return  # the smoke run has one CPU lane
     engine._lanes[0].close()
     engine._lanes[0] = GpuLane(0, engine.pool.tensor, staging_bytes, zero_copy)
     for case in cases:
@@ -175,9 +179,9 @@ def main() -> None:
     parser.add_argument("--sweep", default="4,8,16,32,64,128", help="staging MiB to sweep ('' to skip)")
     parser.add_argument("--sweep-configs", default="llama3-8b,llama3-70b-tp8")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        log("no CUDA device: bench/engine.py measures GPU transfers and has nothing to run here")
-        return
+    if not CUDA:
+        log("no CUDA device: a tiny smoke run through the CPU engine; it measures NOTHING")
+        args.blocks, args.cache_gib, args.burst_gib, args.repeat = 8, 0.0, 0.0, 1
 
     names = [n for n in args.configs.split(",") if n]
     transfer_max = max(args.blocks * CONFIGS[n].block_bytes for n in names)
@@ -187,9 +191,10 @@ def main() -> None:
         burst[n] * args.blocks * CONFIGS[n].block_bytes for n in names
     )
     t0 = time.perf_counter()
-    engine = Engine(EngineConfig(pool_bytes=pool_bytes, devices=(0,), pin_threads=os.cpu_count() or 1))
+    devices = (0,) if CUDA else ()
+    engine = Engine(EngineConfig(pool_bytes=pool_bytes, devices=devices, pin_threads=os.cpu_count() or 1))
     log(f"engine pool {pool_bytes / GIB:.1f} GiB pinned in {time.perf_counter() - t0:.1f} s ({engine.pool.timings})")
-    ceilings = Ceilings(transfer_max)
+    ceilings = Ceilings(transfer_max) if CUDA else None
     cases = [Case(engine, n, args.blocks, int(args.cache_gib * GIB), seed=i) for i, n in enumerate(names)]
     rows: list[Row] = []
 
@@ -197,9 +202,9 @@ def main() -> None:
     for case in cases:
         n = case.nbytes
         ceiling[case.name] = {
-            "save": ceilings.one_way(n, True, args.repeat),
-            "load": ceilings.one_way(n, False, args.repeat),
-            "both": ceilings.both(n, args.repeat),
+            "save": ceilings.one_way(n, True, args.repeat) if ceilings else 0.0,
+            "load": ceilings.one_way(n, False, args.repeat) if ceilings else 0.0,
+            "both": ceilings.both(n, args.repeat) if ceilings else 0.0,
         }
         for d in ("save", "load", "both"):
             method = {"save": "contiguous D2H copy", "load": "contiguous H2D copy", "both": "both at once, 2 streams"}[d]
@@ -231,7 +236,8 @@ def main() -> None:
                 rows.append(Row(case.name, direction, f"staging-{mib}MiB{default}", True, value, "GB/s", c))
 
     engine.close()
-    ceilings.close()
+    if ceilings:
+        ceilings.close()
     print_table(rows)
     write_json(args.json, "engine", rows, {"stats": {k: v for k, v in engine.stats().items()}})
 
