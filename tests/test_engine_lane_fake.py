@@ -1,0 +1,119 @@
+"""The GPU lane's pipeline logic (chunks, staging halves, slot runs, event plumbing) on the
+CPU: CUDA streams and events are replaced by stand-ins that run everything in order, and the
+Triton copier by the torch reference. The real thing runs in tests/test_engine_gpu.py."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import pytest
+import torch
+
+from pegaflow.engine.handle import TransferHandle
+from pegaflow.engine.transfer import LOAD, SAVE, CopyJob, GpuLane
+from pegaflow.kernels import reference
+from pegaflow.kernels.layouts import allocate_attention_kv_cache
+
+
+class FakeEvent:
+    def __init__(self, *args, **kwargs) -> None:
+        self.recorded = 0
+
+    def record(self, stream=None) -> None:
+        self.recorded += 1
+
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeStream:
+    def __init__(self, *args, **kwargs) -> None:
+        self.waited: list[object] = []
+
+    def wait_event(self, event) -> None:
+        self.waited.append(event)
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+
+
+def make_lane(pool: torch.Tensor, staging_bytes: int, zero_copy: bool) -> GpuLane:
+    lane = GpuLane(0, pool, staging_bytes, zero_copy)
+    lane._copier = reference
+    for path in lane._paths.values():
+        path.device = torch.device("cpu")
+    return lane
+
+
+def run(lane: GpuLane, direction: str, kv, block_ids, offsets, slot: int, after_event=None) -> tuple[bool, str | None]:
+    done = threading.Event()
+    outcome: list = []
+    handle = TransferHandle(FakeEvent())
+
+    def finish(ok, error):
+        outcome.append((ok, error))
+        done.set()
+
+    lane.submit(CopyJob(direction, kv, list(block_ids), list(offsets), slot, handle, finish, after_event))
+    assert done.wait(10)
+    assert handle._launched.is_set() and handle._event.recorded == 1
+    return outcome[0]
+
+
+def block_bytes(cache, b: int) -> torch.Tensor:
+    return torch.cat([r.pages(cache.regions.num_blocks)[b] for r in cache.regions.regions])
+
+
+@pytest.mark.parametrize("zero_copy", [False, True])
+@pytest.mark.parametrize("chunk_blocks", [1, 2, 3, 50])
+def test_lane_round_trip_over_scattered_slots(fake_cuda, zero_copy, chunk_blocks):
+    cache = allocate_attention_kv_cache("LBNHC", num_layers=3, num_blocks=32, num_kv_heads=2, head_size=8,
+                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
+    slot = cache.regions.block_bytes + 256  # a slot larger than the block: padding must not leak
+    pool = torch.zeros(40 * slot, dtype=torch.uint8)
+    lane = make_lane(pool, 2 * chunk_blocks * slot, zero_copy)
+    try:
+        src = [5, 0, 31, 7, 8, 9, 2]
+        slots = [3, 4, 5, 10, 11, 0, 39]  # runs of 3, 2, 1, 1
+        offsets = [s * slot for s in slots]
+        expected = [block_bytes(cache, b).clone() for b in src]
+        after = FakeEvent()
+        assert run(lane, SAVE, cache.regions, src, offsets, slot, after) == (True, None)
+        path = lane._paths[SAVE]
+        assert after in path.sm.waited, "the save did not wait for the producer's event"
+        for s, data in zip(slots, expected):
+            assert torch.equal(pool[s * slot : s * slot + data.numel()], data)
+        used = {s for s in slots}
+        assert all(int(pool[s * slot : (s + 1) * slot].count_nonzero()) == 0 for s in range(40) if s not in used)
+
+        dst = [10, 11, 12, 13, 14, 15, 16]
+        assert run(lane, LOAD, cache.regions, dst, offsets, slot) == (True, None)
+        for b, data in zip(dst, expected):
+            assert torch.equal(block_bytes(cache, b), data)
+    finally:
+        lane.close()
+
+
+def test_a_failing_launch_reports_the_error(fake_cuda):
+    cache = allocate_attention_kv_cache("LBNHC", num_layers=2, num_blocks=8, num_kv_heads=1, head_size=8,
+                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
+    slot = cache.regions.block_bytes
+    pool = torch.zeros(4 * slot, dtype=torch.uint8)
+    lane = make_lane(pool, 4 * slot, False)
+    try:
+        ok, error = run(lane, SAVE, cache.regions, [0], [4 * slot], slot)  # past the pool's end
+        assert not ok and error
+    finally:
+        lane.close()
