@@ -87,6 +87,7 @@ class BlockIndex:
         self._entries: dict[Key, Entry] = {}
         self._ready: OrderedDict[Key, Entry] = OrderedDict()  # READY and unpinned, LRU first
         self._writing: OrderedDict[Key, Entry] = OrderedDict()  # by creation time
+        self._pinned = 0  # entries with pins > 0
         self.counters = {"hits": 0, "misses": 0, "evictions": 0, "write_timeouts": 0, "no_room": 0}
 
     # -- queries ------------------------------------------------------------------------
@@ -127,9 +128,9 @@ class BlockIndex:
             return {
                 **self.counters,
                 "entries": len(self._entries),
-                "entries_ready": sum(1 for e in self._entries.values() if e.state == READY),
+                "entries_ready": len(self._entries) - len(self._writing),
                 "entries_writing": len(self._writing),
-                "entries_pinned": sum(1 for e in self._entries.values() if e.pins),
+                "entries_pinned": self._pinned,
                 "pool_used": self.allocator.used_bytes,
                 "pool_free": self.allocator.free_bytes,
             }
@@ -210,6 +211,7 @@ class BlockIndex:
                     continue
                 if entry.pins == 0:
                     del self._ready[entry.key]
+                    self._pinned += 1
                 entry.pins += 1
                 reads.append((i, entry))
             return LoadPlan(tuple(reads), tuple(missing), stored_rank)
@@ -220,6 +222,8 @@ class BlockIndex:
             for _, entry in plan.reads:
                 assert entry.pins > 0, "unpin of an entry that is not pinned"
                 entry.pins -= 1
+                if entry.pins == 0:
+                    self._pinned -= 1
                 if entry.pins == 0 and not entry.dead:
                     self._ready[entry.key] = entry  # most recently used
                 self._release_if_idle(entry)
