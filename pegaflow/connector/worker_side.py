@@ -114,7 +114,7 @@ class EventPool:
         if self._made >= self._limit:
             return None
         self._made += 1
-        return torch.cuda.Event(interprocess=True, disable_timing=True)
+        return torch.cuda.Event(enable_timing=False, interprocess=True)
 
     def release(self, event: torch.cuda.Event) -> None:
         self._free.append(event)
