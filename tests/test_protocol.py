@@ -106,11 +106,22 @@ def test_replies_are_msgpack_maps_echoing_the_id():
         "id": None, "ok": False, "code": P.BAD_MESSAGE, "message": "m"}
 
 
-def test_hash_list_slices_lazily_and_exactly():
+def test_split_hashes_is_exact():
     hashes = [os.urandom(32) for _ in range(5)]
-    view = P.HashList(b"".join(hashes), 32)
-    assert len(view) == 5 and list(view) == hashes and view[-1] == hashes[4] and view[1:3] == hashes[1:3]
-    with pytest.raises(IndexError):
-        view[5]
+    assert P.split_hashes(b"".join(hashes), 32) == tuple(hashes)
+    assert P.split_hashes(b"", 32) == ()
     with pytest.raises(ValueError):
-        P.HashList(b"x" * 33, 32)
+        P.split_hashes(b"x" * 33, 32)
+
+
+@pytest.mark.parametrize("count", [0, 1, 15, 16, 17, 80, 81, 1000, 2000])
+def test_hash_prefix_reads_every_hash_in_order(count):
+    hashes = [os.urandom(32) for _ in range(count)]
+    view = P.HashPrefix(b"".join(hashes), 32)
+    assert len(view) == count and list(view) == hashes
+    if count:
+        assert view[-1] == hashes[-1] and view[0] == hashes[0] and view[1:3] == hashes[1:3]
+    with pytest.raises(IndexError):
+        view[count]
+    with pytest.raises(ValueError):
+        P.HashPrefix(b"x" * 33, 32)

@@ -1,8 +1,10 @@
 """The server's event loop: one thread owns the ROUTER socket.
 
-It waits on the socket and on a wake-up pipe (written by the engine's completion callbacks
-and by the signal handler), answers requests through :class:`Service`, pushes completions,
-and sweeps silent sessions every heartbeat period. A stop request (SIGINT/SIGTERM) makes
+It blocks in one ``recv`` on the ROUTER (bounded by RCVTIMEO: the sweep period), answers
+requests through :class:`Service`, pushes completions, and sweeps silent sessions every
+heartbeat period. Engine threads (completions) and the signal handler wake it with a frame
+on an inproc DEALER connected to the same ROUTER, so the hot path is one recv and one send
+per request: no poller, no pipe. A stop request (SIGINT/SIGTERM) makes
 new requests fail with ``shutting_down``, lets transfers in flight finish for up to
 ``drain_timeout_s`` (then reports them failed), closes every registration, closes the
 engine, removes the IPC socket file and returns.
@@ -14,6 +16,7 @@ import errno
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +28,9 @@ from pegaflow.server.service import Service
 
 logger = logging.getLogger(__name__)
 
-# Requests handled per wake before completions and the sweep get a turn.
-_BATCH = 256
+# The identity of the loop's own wake-up socket (a client's session id starts with b"P").
+_WAKE_IDENTITY = b"\xffpegaflow-wake"
+_WAKE_ENDPOINT = "inproc://pegaflow-wake"
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,14 @@ class ServerLoop:
 
     def __init__(self, config: LoopConfig, engine: Any, devices: tuple[int, ...]) -> None:
         self.config = config
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.service = Service(engine, devices=devices, client_timeout_s=config.client_timeout_s, wake=self.wake)
         self._stop_requested = False
         self.ctx = zmq.Context()
         self.router: zmq.Socket | None = None
         self.bound: list[str] = []
+        self._waker: zmq.Socket | None = None
+        self._wake_lock = threading.RLock()  # re-entrant: the signal handler may interrupt its holder
+        self._wake_pending = False
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -98,15 +104,22 @@ class ServerLoop:
         if self.config.tcp:
             router.bind(self.config.tcp)
             self.bound.append(router.getsockopt(zmq.LAST_ENDPOINT).decode())
+        router.bind(_WAKE_ENDPOINT)
+        waker = self.ctx.socket(zmq.DEALER)
+        waker.setsockopt(zmq.IDENTITY, _WAKE_IDENTITY)
+        waker.setsockopt(zmq.LINGER, 0)
+        waker.connect(_WAKE_ENDPOINT)
+        self._waker = waker
         self.router = router
         return self.bound
 
     def wake(self) -> None:
-        """Thread- and signal-safe: make the loop look at its queues now."""
-        try:
-            os.write(self._wake_w, b"x")
-        except BlockingIOError:
-            pass  # the pipe is full: the loop is awake anyway
+        """Thread-safe: make the loop look at its queues now (one wake frame in flight at most)."""
+        with self._wake_lock:
+            if self._wake_pending or self._waker is None:
+                return
+            self._wake_pending = True
+            self._waker.send(b"", zmq.NOBLOCK)
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: stop serving (the loop finishes the shutdown)."""
@@ -115,31 +128,37 @@ class ServerLoop:
 
     def run(self) -> None:
         """Serve until a stop request, then shut down cleanly."""
-        assert self.router is not None, "bind() first"
-        poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
-        service = self.service
+        router, service = self.router, self.service
+        assert router is not None, "bind() first"
         period = service.heartbeat_s
+        router.setsockopt(zmq.RCVTIMEO, max(1, int(period * 1000)))
         next_sweep = time.monotonic() + period
         drain_deadline = None
         while True:
-            timeout_ms = max(0, int((next_sweep - time.monotonic()) * 1000)) + 1
-            events = dict(poller.poll(timeout_ms))
-            if self.router in events:
-                self._serve_batch()
-            if self._wake_r in events:
-                _drain_pipe(self._wake_r)
-            self._push(service.completions())
+            try:
+                parts = router.recv_multipart()
+            except zmq.Again:
+                parts = None  # idle for a sweep period
+            if parts is not None:
+                identity = parts[0]
+                if identity == _WAKE_IDENTITY:
+                    with self._wake_lock:
+                        self._wake_pending = False
+                    self._push(service.completions())
+                else:
+                    self._serve(identity, parts)
             now = time.monotonic()
             if now >= next_sweep:
+                self._push(service.completions())
                 service.sweep(now)
                 next_sweep = now + period
-            if self._stop_requested and drain_deadline is None:
-                logger.info("stopping: refusing new requests, %d transfer(s) in flight", len(service.jobs))
-                service.stopping = True
-                drain_deadline = now + self.config.drain_timeout_s
-            if drain_deadline is not None:
+            if self._stop_requested:
+                if drain_deadline is None:
+                    logger.info("stopping: refusing new requests, %d transfer(s) in flight", len(service.jobs))
+                    service.stopping = True
+                    drain_deadline = now + self.config.drain_timeout_s
+                    router.setsockopt(zmq.RCVTIMEO, 50)  # look at the drain often
+                self._push(service.completions())
                 if not service.jobs:
                     break
                 if now >= drain_deadline:
@@ -147,7 +166,6 @@ class ServerLoop:
                                    len(service.jobs), self.config.drain_timeout_s)
                     self._push(service.fail_inflight("the server shut down before this transfer completed"))
                     break
-                next_sweep = min(next_sweep, now + 0.05)  # poll the drain often
         self._shutdown()
 
     def _shutdown(self) -> None:
@@ -157,7 +175,10 @@ class ServerLoop:
             service.engine.close()
         except Exception:
             logger.exception("engine.close() failed")
-        assert self.router is not None
+        assert self.router is not None and self._waker is not None
+        with self._wake_lock:
+            self._waker.close()
+            self._waker = None
         self.router.close()
         self.ctx.term()
         path = ipc_path(self.config.endpoint)
@@ -166,32 +187,23 @@ class ServerLoop:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
-        os.close(self._wake_r)
-        os.close(self._wake_w)
         logger.info("server stopped")
 
     # ---- the work -----------------------------------------------------------------------------
 
-    def _serve_batch(self) -> None:
-        router, service = self.router, self.service
-        assert router is not None
-        for _ in range(_BATCH):
-            try:
-                parts = router.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            identity = parts[0]
-            now = time.monotonic()
-            if len(parts) != 2:
-                service.counters.errors[P.BAD_MESSAGE] += 1
-                reply = P.error_reply(None, P.BAD_MESSAGE, f"one frame per message, got {len(parts) - 1}")
-            else:
-                reply = service.handle_frame(identity, parts[1], now)
-            if reply is not None:
-                self._send(identity, reply, keep=False)
-            pending = service.take_pending(identity)
-            if pending:
-                self._push([(identity, frame) for frame in pending])
+    def _serve(self, identity: bytes, parts: list[bytes]) -> None:
+        service = self.service
+        if len(parts) != 2:
+            service.counters.errors[P.BAD_MESSAGE] += 1
+            reply = P.error_reply(None, P.BAD_MESSAGE, f"one frame per message, got {len(parts) - 1}")
+        else:
+            reply = service.handle_frame(identity, parts[1], time.monotonic())
+        if reply is not None:
+            self._send(identity, reply, keep=False)
+        service.start_deferred()
+        pending = service.take_pending(identity)
+        if pending:
+            self._push([(identity, frame) for frame in pending])
 
     def _push(self, items: list[tuple[bytes, bytes]]) -> None:
         for identity, frame in items:
@@ -209,14 +221,6 @@ class ServerLoop:
                 self.service.defer(identity, frame)  # delivered when the client talks again
             else:
                 logger.debug("reply to %r dropped: its socket is gone", identity)
-
-
-def _drain_pipe(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
 
 
 def _claim_ipc_path(path: str) -> None:

@@ -62,12 +62,14 @@ class Service:
         self.counters = Counters()
         self.sessions: dict[bytes, Session] = {}
         self.instances: dict[str, Any] = {}  # instance_id -> engine InstanceSpec
+        self.namespaces: dict[str, str] = {}  # instance_id -> namespace (spec.namespace hashes on each read)
         self.registrations: dict[tuple[str, int], Registration] = {}
         self.jobs: dict[tuple[bytes, int], Job] = {}
         self.open_mappings = 0
         self._lost_jobs: dict[bytes, list[int]] = {}  # expired sessions' jobs in flight, by identity
         self._wake = wake
         self._done: collections.deque = collections.deque()  # appended from engine threads
+        self._deferred: collections.deque = collections.deque()  # transfers accepted, to start
         self._handlers: dict[type, Callable] = {
             P.Hello: self._hello, P.Heartbeat: self._heartbeat, P.Bye: self._bye,
             P.RegisterInstance: self._register_instance, P.RegisterKV: self._register_kv,
@@ -207,12 +209,13 @@ class Service:
             if known != spec:
                 raise P.ProtocolError(P.INSTANCE_CONFLICT,
                                       f"instance {req.instance_id!r} is registered with another geometry", req.id)
-            return P.ok_reply(req.id, namespace=known.namespace)
+            return P.ok_reply(req.id, namespace=self.namespaces[req.instance_id])
         try:
             namespace = self.engine.register_instance(spec)
         except ValueError as exc:
             raise P.ProtocolError(P.INSTANCE_CONFLICT, str(exc), req.id) from None
         self.instances[req.instance_id] = spec
+        self.namespaces[req.instance_id] = namespace
         logger.info("instance %s registered: %s, %d region(s), %d bytes per block, tp %d",
                     req.instance_id, namespace, len(spec.page_bytes), spec.block_bytes, spec.tp_size)
         return P.ok_reply(req.id, namespace=namespace)
@@ -290,7 +293,9 @@ class Service:
         if rest or count > P.MAX_HASHES_PER_OP:
             raise P.ProtocolError(P.BAD_HASH, f"{len(req.hashes)} bytes of hashes are not at most "
                                   f"{P.MAX_HASHES_PER_OP} hashes of {spec.hash_bytes} bytes", req.id)
-        hits = self.engine.query(req.instance_id, P.HashList(req.hashes, spec.hash_bytes))
+        # The hashes are exact by construction (HashPrefix): ask the engine's index directly,
+        # without engine.query's pass that re-checks every hash (most of the cost of a miss).
+        hits = self.engine.index.query(self.namespaces[req.instance_id], P.HashPrefix(req.hashes, spec.hash_bytes))
         counters = self.counters
         counters.queries += 1
         counters.hashes_queried += count
@@ -316,19 +321,34 @@ class Service:
         if req.job_id in session.jobs:
             raise P.ProtocolError(P.DUPLICATE_JOB, f"job {req.job_id} is already in flight", req.id)
         event = self._event(session, registration, req.event, req.id) if req.event is not None else None
-        hashes = P.HashList(req.hashes, spec.hash_bytes)
+        self.jobs[(identity, req.job_id)] = Job(identity, req.job_id, req.op, registration, now)
+        session.jobs.add(req.job_id)
+        registration.inflight += 1
+        # Every check is done: accept now and start the copy once the reply is out. In CPU mode
+        # the copy holds the GIL; started first, it delayed the acceptance by its whole length.
+        self._deferred.append(partial(self._start, identity, req, spec.hash_bytes, event))
+        return P.ok_reply(req.id, job_id=req.job_id)
+
+    def start_deferred(self) -> None:
+        """Start the transfers accepted by the last reply (the loop calls it after sending)."""
+        while self._deferred:
+            self._deferred.popleft()()
+
+    def _start(self, identity: bytes, req: P.Transfer, hash_bytes: int, event: Any) -> None:
+        hashes = P.split_hashes(req.hashes, hash_bytes)
         try:
             if req.op == "save":
                 handle = self.engine.save(req.instance_id, req.rank, req.block_ids, hashes, after_event=event)
             else:
                 handle = self.engine.load(req.instance_id, req.rank, req.block_ids, hashes)
-        except ValueError as exc:
-            raise P.ProtocolError(P.BAD_FIELD, str(exc), req.id) from None
-        self.jobs[(identity, req.job_id)] = Job(identity, req.job_id, req.op, registration, now)
-        session.jobs.add(req.job_id)
-        registration.inflight += 1
+        except Exception as exc:  # the checks above make this a bug: fail the job, keep serving
+            from pegaflow.engine import TransferResult
+
+            logger.exception("engine.%s refused job %d after the server accepted it", req.op, req.job_id)
+            self._on_done(identity, req.job_id, TransferResult(ok=False, num_blocks=0, nbytes=0,
+                                                               error=f"{type(exc).__name__}: {exc}"))
+            return
         handle.add_done_callback(partial(self._on_done, identity, req.job_id))
-        return P.ok_reply(req.id, job_id=req.job_id)
 
     def _unregister(self, identity: bytes, session: Session, req: P.Unregister, now: float) -> bytes:
         self._instance(req.instance_id, req.id)
@@ -336,6 +356,7 @@ class Service:
             self._close_registration(registration)
         self.engine.unregister(req.instance_id)
         del self.instances[req.instance_id]
+        del self.namespaces[req.instance_id]
         logger.info("instance %s unregistered", req.instance_id)
         return P.ok_reply(req.id)
 
@@ -363,7 +384,7 @@ class Service:
             "sessions_expired": c.sessions_expired, "errors": dict(c.errors),
         }
         instances = [
-            {"instance_id": iid, "namespace": spec.namespace, "model": spec.model, "tp_size": spec.tp_size,
+            {"instance_id": iid, "namespace": self.namespaces[iid], "model": spec.model, "tp_size": spec.tp_size,
              "block_bytes": spec.block_bytes,
              "ranks": sorted(r.rank for r in self.registrations.values() if r.instance_id == iid)}
             for iid, spec in self.instances.items()

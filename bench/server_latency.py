@@ -1,0 +1,231 @@
+"""Round trips to a real PegaFlow server (CPU mode) over IPC and TCP, against a bare ZMQ echo.
+
+For each transport and operation: health, query of 1,000 hashes (all held, and the first one
+missing), save of one block and load of one block (send to completion). Each is timed from
+the client's call to its answer; the ceiling is a bare pyzmq ROUTER (another process) echoing
+the very bytes of that request to a DEALER, measured in the same run, interleaved round by
+round with ours so that both see the same machine load.
+
+Rows: ``value`` is our p50 or p99 in microseconds, ``ceiling`` the echo's; ``ratio`` is
+echo / ours (higher is better; 1/1.3 = 0.77 is the p50 target, 1/3 = 0.33 the p99 one).
+
+    python bench/server_latency.py --json bench/results/server_latency-cpu.json
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgpack
+import torch
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Row, arg_parser, print_table, write_json  # noqa: E402
+
+from pegaflow.client import PegaClient  # noqa: E402
+from pegaflow.server.spawn import ServerProcess  # noqa: E402
+
+QUERY_HASHES = 1000
+TARGET_P50, TARGET_P99 = 1.3, 3.0
+
+
+def echo_server(ipc: str, port_queue: mp.Queue) -> None:
+    """A bare ROUTER that sends every frame back to its sender."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind(ipc)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    port_queue.put(port)
+    while True:
+        identity, frame = sock.recv_multipart(copy=False)
+        if frame.bytes == b"stop":
+            sock.send_multipart([identity, b"stopped"])
+            break
+        sock.send_multipart([identity, frame], copy=False)
+    sock.close()
+    ctx.term()
+
+
+class Echo:
+    def __init__(self, endpoint: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.connect(endpoint)
+
+    def round_trip(self, payload: bytes) -> None:
+        self.sock.send(payload)
+        self.sock.recv()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+def timed(fn: Callable[[], None], count: int) -> list[float]:
+    out = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e6
+
+
+def wait_job(client: PegaClient, job_id: int) -> None:
+    while True:
+        for done in client.poll_completions(timeout_s=5.0):
+            if done.job_id == job_id:
+                if not done.ok:
+                    raise RuntimeError(f"job {job_id} failed: {done.error}")
+                return
+
+
+def main() -> None:
+    parser = arg_parser(__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds of ours vs echo")
+    parser.add_argument("--per-round", type=int, default=100, help="round trips per operation per round")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+
+    server = ServerProcess(pool_size="256mb", client_timeout=30.0)
+    echo_ipc = f"ipc://{server.dir}/echo.sock"
+    ports: mp.Queue = mp.get_context("spawn").Queue()
+    echo_proc = mp.get_context("spawn").Process(target=echo_server, args=(echo_ipc, ports), daemon=True)
+    echo_proc.start()
+    echo_tcp = f"tcp://127.0.0.1:{ports.get(timeout=60)}"
+
+    rows: list[Row] = []
+    extra: dict = {"targets": {"query_p50_x_echo": TARGET_P50, "query_p99_x_echo": TARGET_P99}, "results": {}}
+    try:
+        for transport, ours_ep, echo_ep in (("ipc", server.ipc, echo_ipc), ("tcp", server.tcp, echo_tcp)):
+            rows += measure(transport, ours_ep, echo_ep, args.rounds, args.per_round, extra["results"])
+    finally:
+        stopper = Echo(echo_ipc)
+        stopper.round_trip(b"stop")
+        stopper.close()
+        echo_proc.join(10)
+        server.stop()
+    rows += engine_index_rows(args.rounds * args.per_round, extra["results"])
+    print_table(rows)
+    ipc = extra["results"]["ipc"]["query-hit"]
+    print(f"\nquery of {QUERY_HASHES} held hashes over IPC: p50 {ipc['p50_x_echo']:.2f}x the echo's "
+          f"(target <= {TARGET_P50}), p99 {ipc['p99_x_echo']:.2f}x (target <= {TARGET_P99})")
+    write_json(args.json, "server_latency", rows, extra)
+
+
+def measure(transport: str, endpoint: str, echo_endpoint: str, rounds: int, per_round: int,
+            results: dict) -> list[Row]:
+    client = PegaClient(endpoint, timeout_s=10.0, name=f"bench-{transport}")
+    echo = Echo(echo_endpoint)
+    instance = f"bench-{transport}"
+    page = 4096  # one block: 2 regions of 4 KiB
+    client.register_instance(instance, model="bench", kv_dtype="int8", layout="LBNHC", block_size=16,
+                             page_bytes=[page, page])
+    blocks = 64
+    backing = torch.randint(-128, 128, (2, blocks, page), dtype=torch.int8)
+    client.register_kv_caches(instance, 0, backing, [(0, page, page), (blocks * page, page, page)], blocks)
+    held = [os.urandom(32) for _ in range(QUERY_HASHES)]
+    client.save(instance, 0, 1, list(range(QUERY_HASHES)) and [i % blocks for i in range(QUERY_HASHES)], held)
+    wait_job(client, 1)
+    assert client.query(instance, held) == QUERY_HASHES
+    missing = [os.urandom(32)] + held[1:]
+    load_hash = held[:1]
+    jobs = iter(range(100, 1 << 40))
+
+    def save_one() -> None:
+        job = next(jobs)
+        client.save(instance, 0, job, [3], [os.urandom(32)])
+        wait_job(client, job)
+
+    def load_one() -> None:
+        job = next(jobs)
+        client.load(instance, 0, job, [5], load_hash)
+        wait_job(client, job)
+
+    def packed(msg: dict) -> bytes:
+        return msgpack.packb({"id": 1, **msg}, use_bin_type=True)
+
+    blob = b"".join(held)
+    ops: dict[str, tuple[Callable[[], None], bytes]] = {
+        "health": (client.health, packed({"op": "health"})),
+        "query-hit": (lambda: client.query(instance, held),
+                      packed({"op": "query", "instance_id": instance, "hashes": blob, "hash_bytes": 32})),
+        "query-miss": (lambda: client.query(instance, missing),
+                       packed({"op": "query", "instance_id": instance, "hashes": blob, "hash_bytes": 32})),
+        "save-1-block": (save_one, packed({"op": "save", "instance_id": instance, "rank": 0, "job_id": 5,
+                                           "block_ids": [3], "hashes": os.urandom(32), "hash_bytes": 32})),
+        "load-1-block": (load_one, packed({"op": "load", "instance_id": instance, "rank": 0, "job_id": 5,
+                                           "block_ids": [5], "hashes": held[0], "hash_bytes": 32})),
+    }
+    ours: dict[str, list[float]] = {name: [] for name in ops}
+    ceiling: dict[str, list[float]] = {name: [] for name in ops}
+    for name, (fn, payload) in ops.items():  # warm up both paths
+        timed(fn, 50)
+        timed(lambda: echo.round_trip(payload), 50)
+    for _ in range(rounds):
+        for name, (fn, payload) in ops.items():
+            ceiling[name] += timed(lambda: echo.round_trip(payload), per_round)
+            ours[name] += timed(fn, per_round)
+    client.close()
+    echo.close()
+
+    rows = []
+    results[transport] = {}
+    for name in ops:
+        p50, p99 = percentile(ours[name], 0.50), percentile(ours[name], 0.99)
+        e50, e99 = percentile(ceiling[name], 0.50), percentile(ceiling[name], 0.99)
+        results[transport][name] = {
+            "p50_us": round(p50, 1), "p99_us": round(p99, 1), "echo_p50_us": round(e50, 1),
+            "echo_p99_us": round(e99, 1), "p50_x_echo": round(p50 / e50, 3), "p99_x_echo": round(p99 / e99, 3),
+            "mean_us": round(statistics.fmean(ours[name]) * 1e6, 1), "samples": len(ours[name]),
+            "request_bytes": len(ops[name][1]),
+        }
+        for q, value, ceil in (("p50", p50, e50), ("p99", p99, e99)):
+            rows.append(Row(config=transport, direction=name, method=f"pegaflow {q} us (ratio=echo/ours)", ours=True,
+                            value=round(value, 1), unit="us", ceiling=round(ceil, 1), ratio=round(ceil / value, 3)))
+    return rows
+
+
+def engine_index_rows(count: int, results: dict) -> list[Row]:
+    """The engine's own index query of the same 1,000 held hashes, in this process: no wire.
+
+    It is part of every query-hit round trip above; shown so the table says where the time goes.
+    """
+    from pegaflow.engine import Engine, EngineConfig, InstanceSpec
+    from pegaflow.kernels import KVRegions, Region
+    from pegaflow.server.protocol import HashPrefix
+
+    engine = Engine(EngineConfig(pool_bytes=64 << 20))
+    spec = InstanceSpec("local", "bench", "int8", "LBNHC", 16, (4096,))
+    namespace = engine.register_instance(spec)
+    kv = torch.zeros(QUERY_HASHES * 4096, dtype=torch.int8)
+    engine.register_kv("local", 0, KVRegions((Region(kv, 0, 4096, 4096),), QUERY_HASHES))
+    held = [os.urandom(32) for _ in range(QUERY_HASHES)]
+    engine.save("local", 0, list(range(QUERY_HASHES)), held).wait(60)
+    blob = b"".join(held)
+    assert engine.index.query(namespace, HashPrefix(blob, 32)) == QUERY_HASHES
+    times = timed(lambda: engine.index.query(namespace, HashPrefix(blob, 32)), count)
+    engine.close()
+    p50, p99 = percentile(times, 0.5), percentile(times, 0.99)
+    ipc = results["ipc"]["query-hit"]
+    results["engine_index_query_hit"] = {"p50_us": round(p50, 1), "p99_us": round(p99, 1),
+                                         "share_of_ipc_query_hit_p50": round(p50 / ipc["p50_us"], 3)}
+    return [Row(config="in-process", direction="query-hit", method="engine index alone p50 us (no ratio)",
+                ours=True, value=round(p50, 1), unit="us"),
+            Row(config="in-process", direction="query-hit", method="engine index alone p99 us (no ratio)",
+                ours=True, value=round(p99, 1), unit="us")]
+
+
+if __name__ == "__main__":
+    main()
