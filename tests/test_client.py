@@ -23,6 +23,7 @@ class FakeServer:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # as the real server: a client's new socket takes over
         port = self.sock.bind_to_random_port("tcp://127.0.0.1")
         self.endpoint = f"tcp://127.0.0.1:{port}"
         self.script = script
@@ -82,7 +83,7 @@ def test_a_wedged_server_times_out_and_late_replies_are_dropped():
         return late + [{"id": request["id"], "ok": True, "status": "fresh"}]
 
     fake = FakeServer(script)
-    client = PegaClient(fake.endpoint, timeout_s=0.3, heartbeat=False)
+    client = PegaClient(fake.endpoint, timeout_s=1.0, heartbeat=False)
     try:
         with pytest.raises(PegaTimeoutError):
             client.health()
