@@ -17,7 +17,7 @@ def _buffer_rows(buffer: torch.Tensor, plan: CopyPlan) -> tuple[torch.Tensor, to
     raw = _storage_bytes_view(buffer)
     start = buffer.storage_offset() * buffer.element_size()
     rows = raw.as_strided((plan.buffer_bytes // plan.slot_bytes, plan.slot_bytes), (plan.slot_bytes, 1), start)
-    index = plan.slot_ids if plan.slot_ids is not None else torch.arange(plan.count, dtype=torch.int64)
+    index = torch.from_numpy(plan.slot_ids) if plan.slot_ids is not None else torch.arange(plan.count, dtype=torch.int64)
     return rows, index.to(buffer.device)
 
 
@@ -25,7 +25,7 @@ def _copy(kv: KVRegions, plan: CopyPlan, buffer: torch.Tensor, to_kv: bool) -> N
     if plan.count == 0:
         return
     rows, row_index = _buffer_rows(buffer, plan)
-    block_index = plan.block_ids.to(kv.device)
+    block_index = torch.from_numpy(plan.block_ids).to(kv.device)
     for region, start in zip(kv.regions, kv.page_offsets()):
         pages = region.pages(kv.num_blocks)
         end = start + region.page_bytes

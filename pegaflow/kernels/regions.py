@@ -106,7 +106,7 @@ class KVRegions:
     def device(self) -> torch.device:
         return self.regions[0].owner.device
 
-    @property
+    @cached_property
     def block_bytes(self) -> int:
         """Bytes of one block: its pages in every region, back to back."""
         return sum(r.page_bytes for r in self.regions)

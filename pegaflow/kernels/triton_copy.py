@@ -13,6 +13,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -141,11 +142,10 @@ def _check_devices(kv: KVRegions, buffer: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} is in host memory that is not pinned: the GPU cannot reach it")
 
 
-def _word_view(tensor: torch.Tensor, byte_offset: int, word: int) -> torch.Tensor:
-    """A word-typed 1-D tensor starting ``byte_offset`` bytes into the tensor's storage."""
-    raw = _storage_bytes_view(tensor)
-    usable = (raw.numel() - byte_offset) // word * word
-    return raw[byte_offset : byte_offset + usable].view(_WORD_DTYPES[word])
+def _buffer_words(buffer: torch.Tensor, word: int) -> torch.Tensor:
+    """The contiguous buffer as a 1-D tensor of ``word``-byte integers (no copy)."""
+    raw = buffer.reshape(-1).view(torch.uint8)
+    return raw[: raw.numel() // word * word].view(_WORD_DTYPES[word])
 
 
 def _pow2_part(value: int, cap: int) -> int:
@@ -153,30 +153,66 @@ def _pow2_part(value: int, cap: int) -> int:
     return cap if value == 0 else min(cap, value & -value)
 
 
-def _upload(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+def _upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
     """One int64 table on ``device``, copied without blocking the host.
 
     Pinned source: a pageable copy would synchronise the stream on every launch. The caching
     host allocator keeps the pinned block until the copy has completed.
     """
-    host = torch.cat(values)
+    table = torch.from_numpy(host)
     if device.type != "cuda":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class _KVLaunch:
+    """What every launch on one KV cache needs, for one word width: computed once."""
+
+    anchor_words: torch.Tensor  # word view starting at the lowest region base
+    geometry: np.ndarray  # int64 [4 * regions]: base, stride, page, page offset, in words
+
+
+def _kv_launch(kv: KVRegions, word: int) -> _KVLaunch:
+    # Kept in the instance's __dict__ (the dataclass is frozen, its storages never move) so
+    # the word view and table are built once per KV cache, not on every launch.
+    cache = kv.__dict__.setdefault("_triton_launch", {})
+    if word not in cache:
+        bases, strides, pages, offsets = kv.geometry
+        anchor = min(range(len(bases)), key=bases.__getitem__)
+        region = kv.regions[anchor]
+        raw = _storage_bytes_view(region.owner)
+        usable = (raw.numel() - region.offset) // word * word
+        words = raw[region.offset : region.offset + usable].view(_WORD_DTYPES[word])
+        geometry = np.array(
+            [(b - bases[anchor]) // word for b in bases]
+            + [x // word for x in strides]
+            + [x // word for x in pages]
+            + [x // word for x in offsets],
+            dtype=np.int64,
+        )
+        cache[word] = _KVLaunch(words, geometry)
+    return cache[word]
+
+
+def _kv_alignment(kv: KVRegions) -> tuple[int, int]:
+    """(gcd of every base offset from the lowest, stride and page offset; gcd of the pages)."""
+    cache = kv.__dict__.setdefault("_triton_alignment", [])
+    if not cache:
+        bases, strides, pages, offsets = kv.geometry
+        low = min(bases)
+        cache.append((math.gcd(low, *strides, *offsets, *(b - low for b in bases)), math.gcd(*pages)))
+    return cache[0]
 
 
 def _launch(kv: KVRegions, plan: CopyPlan, buffer: torch.Tensor, to_kv: bool, tuning: Tuning) -> None:
     if plan.count == 0:
         return
-    bases, strides, pages, offsets = kv.geometry
-    anchor = min(range(len(bases)), key=bases.__getitem__)
-    buffer_start = buffer.storage_offset() * buffer.element_size()
-    buffer_address = buffer.untyped_storage().data_ptr() + buffer_start
+    buffer_address = buffer.data_ptr()
+    kv_align, page_align = _kv_alignment(kv)
 
     # Alignment (bytes) shared by every start address and size of the launch.
-    align = math.gcd(buffer_address, plan.slot_bytes, bases[anchor], *strides, *offsets)
-    align = math.gcd(align, *(b - bases[anchor] for b in bases))
-    page_align = math.gcd(*pages)
+    align = math.gcd(buffer_address, plan.slot_bytes, kv_align)
     word = math.gcd(8, align, page_align)
     # Chunks that divide every page need no mask; else masked chunks of the tuned size.
     even_chunk = _pow2_part(page_align, tuning.chunk_bytes)
@@ -185,24 +221,17 @@ def _launch(kv: KVRegions, plan: CopyPlan, buffer: torch.Tensor, to_kv: bool, tu
     vector = _pow2_part(math.gcd(align, chunk_bytes, page_align), VECTOR_BYTES)
     chunk, step = chunk_bytes // word, min(tuning.step_bytes, chunk_bytes) // word
 
-    num_regions = len(bases)
-    chunks_per_page = triton.cdiv(max(pages), chunk_bytes)
+    num_regions = len(kv.regions)
+    chunks_per_page = triton.cdiv(max(kv.geometry[2]), chunk_bytes)
     if num_regions > MAX_GRID_YZ:
         raise ValueError(f"a KV cache of {num_regions} regions exceeds the {MAX_GRID_YZ} a launch can address")
-    geometry = torch.tensor(
-        [(b - bases[anchor]) // word for b in bases]
-        + [s // word for s in strides]
-        + [p // word for p in pages]
-        + [o // word for o in offsets],
-        dtype=torch.int64,
-    )
-    ids = [plan.block_ids] + ([plan.slot_ids] if plan.slot_ids is not None else [])
-    table = _upload([geometry, *ids], kv.device)
+    launch = _kv_launch(kv, word)
+    parts = [launch.geometry, plan.block_ids] + ([plan.slot_ids] if plan.slot_ids is not None else [])
+    table = _upload(np.concatenate(parts), kv.device)
 
     # Bytes past the buffer's last row are never addressed: validation bounded the rows.
-    anchor_region = kv.regions[anchor]
-    kv_words = _word_view(anchor_region.owner, anchor_region.offset, word)
-    buf_words = _word_view(buffer, buffer_start, word)
+    kv_words = launch.anchor_words
+    buf_words = _buffer_words(buffer, word)
     for first in range(0, plan.count, MAX_GRID_YZ):
         grid = (chunks_per_page, num_regions, min(MAX_GRID_YZ, plan.count - first))
         _copy_pages_kernel[grid](

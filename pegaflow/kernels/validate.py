@@ -10,48 +10,60 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pegaflow.kernels.regions import KVRegions
 
-Ids = Sequence[int] | torch.Tensor
+Ids = Sequence[int] | torch.Tensor | np.ndarray
 
 
 @dataclass(frozen=True)
 class CopyPlan:
-    """Validated arguments of one copy, ids as int64 CPU tensors."""
+    """Validated arguments of one copy, ids as 1-D int64 numpy arrays."""
 
-    block_ids: torch.Tensor
-    slot_ids: torch.Tensor | None  # None: contiguous, block i at i * slot_bytes
+    block_ids: np.ndarray
+    slot_ids: np.ndarray | None  # None: contiguous, block i at i * slot_bytes
     slot_bytes: int
     buffer_bytes: int
 
     @property
     def count(self) -> int:
-        return int(self.block_ids.numel())
+        return int(self.block_ids.size)
 
 
-def as_id_tensor(ids: Ids, name: str) -> torch.Tensor:
-    """``ids`` as a 1-D int64 CPU tensor; rejects floats, bools and other shapes."""
+# numpy rather than torch: a launch validates its ids on every call, and numpy's per-call
+# cost on a few hundred ids is a few microseconds where torch's is tens.
+def as_id_array(ids: Ids, name: str) -> np.ndarray:
+    """``ids`` as a 1-D int64 numpy array; rejects floats, bools, other shapes, ints beyond int64."""
     if isinstance(ids, torch.Tensor):
         if ids.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8):
             raise ValueError(f"{name} must hold integers, got dtype {ids.dtype}")
         if ids.dim() != 1:
             raise ValueError(f"{name} must be 1-D, got shape {tuple(ids.shape)}")
-        return ids.detach().to(device="cpu", dtype=torch.int64)
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        return ids.detach().to(device="cpu", dtype=torch.int64).numpy()
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
         raise ValueError(f"{name} must be a sequence of ints or an integer tensor, got {type(ids).__name__}")
-    for value in ids:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{name} must hold ints, found {value!r}")
+    if len(ids) == 0:
+        return np.empty(0, dtype=np.int64)
     try:
-        return torch.tensor(list(ids), dtype=torch.int64)
-    except RuntimeError as exc:  # an int beyond int64
-        raise ValueError(f"{name} holds an id that does not fit in int64") from exc
+        array = np.asarray(ids)
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(f"{name} must be a flat sequence of ints") from exc
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
+    if array.dtype.kind not in "iu":
+        bad = next((v for v in ids if not isinstance(v, (int, np.integer)) or isinstance(v, bool)), None)
+        if bad is None:  # Python ints beyond 64 bits make an object array
+            raise ValueError(f"{name} holds an id that does not fit in int64")
+        raise ValueError(f"{name} must hold ints, found {bad!r}")
+    if array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise ValueError(f"{name} holds an id that does not fit in int64")
+    return array.astype(np.int64, copy=False)
 
 
-def _check_range(ids: torch.Tensor, limit: int, name: str) -> None:
-    if ids.numel() == 0:
+def _check_range(ids: np.ndarray, limit: int, name: str) -> None:
+    if ids.size == 0:
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0:
@@ -60,8 +72,8 @@ def _check_range(ids: torch.Tensor, limit: int, name: str) -> None:
         raise ValueError(f"{name} holds id {high}, out of range [0, {limit})")
 
 
-def _check_unique(ids: torch.Tensor, name: str) -> None:
-    if ids.numel() > 1 and torch.unique(ids).numel() != ids.numel():
+def _check_unique(ids: np.ndarray, name: str) -> None:
+    if ids.size > 1 and np.unique(ids).size != ids.size:
         raise ValueError(f"{name} holds duplicate ids: two copies would write the same place")
 
 
@@ -91,7 +103,7 @@ def plan_copy(
     """
     if not isinstance(kv, KVRegions):
         raise ValueError(f"kv must be KVRegions, got {type(kv).__name__}")
-    blocks = as_id_tensor(block_ids, "block_ids")
+    blocks = as_id_array(block_ids, "block_ids")
     _check_range(blocks, kv.num_blocks, "block_ids")
     if to_kv:
         _check_unique(blocks, "block_ids")
@@ -101,10 +113,10 @@ def plan_copy(
     if slot_ids is None:
         if slot_bytes is not None:
             raise ValueError("slot_bytes is given without slot_ids")
-        needed = blocks.numel() * block_bytes
+        needed = blocks.size * block_bytes
         if buffer_bytes < needed:
             raise ValueError(
-                f"{buffer_name} holds {buffer_bytes} bytes, {blocks.numel()} blocks need {needed}"
+                f"{buffer_name} holds {buffer_bytes} bytes, {blocks.size} blocks need {needed}"
             )
         return CopyPlan(blocks, None, block_bytes, buffer_bytes)
 
@@ -112,9 +124,9 @@ def plan_copy(
         raise ValueError(f"slot_bytes must be a positive int, got {slot_bytes!r}")
     if slot_bytes < block_bytes:
         raise ValueError(f"slot_bytes ({slot_bytes}) is smaller than one block ({block_bytes} bytes)")
-    slots = as_id_tensor(slot_ids, "slot_ids")
-    if slots.numel() != blocks.numel():
-        raise ValueError(f"slot_ids has {slots.numel()} ids, block_ids {blocks.numel()}")
+    slots = as_id_array(slot_ids, "slot_ids")
+    if slots.size != blocks.size:
+        raise ValueError(f"slot_ids has {slots.size} ids, block_ids {blocks.size}")
     _check_range(slots, buffer_bytes // slot_bytes, "slot_ids")
     if not to_kv:
         _check_unique(slots, "slot_ids")
