@@ -246,3 +246,18 @@ def test_replies_echo_request_ids_in_order(raw):
     for i in range(20):
         raw.send({"op": "health", "id": 1000 + i})
     assert [raw.reply_to(1000 + i)["id"] for i in range(20)] == list(range(1000, 1020))
+
+
+def test_registering_again_replaces_and_a_failed_attempt_keeps_the_old(client):
+    cache = new_instance(client, num_blocks=8)
+    register(client, cache)
+    with pytest.raises(PegaServerError):  # more blocks than the storage holds
+        client.register_kv_caches(cache.instance_id, 0, cache.backing, cache.regions, 64)
+    hs = hashes(1)
+    client.save(cache.instance_id, 0, 1, [2], hs)  # the old registration still serves
+    assert wait_completion(client, 1).ok
+    before = client.stats()["server"]["open_mappings"]
+    register(client, cache)  # a working re-registration replaces it (one mapping, not two)
+    assert client.stats()["server"]["open_mappings"] == before
+    client.load(cache.instance_id, 0, 2, [5], hs)
+    assert wait_completion(client, 2).ok and torch.equal(cache.block(5), cache.block(2))

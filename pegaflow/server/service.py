@@ -115,7 +115,7 @@ class Service:
                 continue
             self._job_finished(job, result, finished)
             session = self.sessions.get(session_id)
-            if session is not None:
+            if session is not None and session is job.owner:
                 session.jobs.discard(job_id)
                 out.append((session_id, _completion_frame(job, result)))
         return out
@@ -242,7 +242,6 @@ class Service:
                 raise P.ProtocolError(P.ALREADY_REGISTERED, f"rank {req.rank} of {req.instance_id!r} has "
                                       f"{existing.inflight} transfer(s) in flight; retry after their completions",
                                       req.id)
-            self._close_registration(existing)
         try:
             share = sharing.handle_from_wire(req.storage)
         except ValueError as exc:
@@ -263,6 +262,11 @@ class Service:
         try:
             owner = sharing.storage_bytes_tensor(storage)
             kv = KVRegions(tuple(Region(owner, o, s, p) for o, s, p in req.regions), req.num_blocks)
+        except ValueError as exc:
+            raise P.ProtocolError(P.BAD_FIELD, str(exc), req.id) from None
+        if existing is not None:  # the same client registers again: the new cache replaces the old
+            self._close_registration(existing)
+        try:
             self.engine.register_kv(req.instance_id, req.rank, kv, device=device)
         except ValueError as exc:
             raise P.ProtocolError(P.BAD_FIELD, str(exc), req.id) from None
@@ -318,10 +322,10 @@ class Service:
                                   f"{req.rank} registered {registration.num_blocks} blocks", req.id)
         if req.op == "load" and len(set(req.block_ids)) != count:
             raise P.ProtocolError(P.BAD_FIELD, "block_ids of a load must not repeat", req.id)
-        if req.job_id in session.jobs:
+        if (identity, req.job_id) in self.jobs:  # this session's, or a lost one of its expired predecessor
             raise P.ProtocolError(P.DUPLICATE_JOB, f"job {req.job_id} is already in flight", req.id)
         event = self._event(session, registration, req.event, req.id) if req.event is not None else None
-        self.jobs[(identity, req.job_id)] = Job(identity, req.job_id, req.op, registration, now)
+        self.jobs[(identity, req.job_id)] = Job(identity, req.job_id, req.op, registration, now, owner=session)
         session.jobs.add(req.job_id)
         registration.inflight += 1
         # Every check is done: accept now and start the copy once the reply is out. In CPU mode

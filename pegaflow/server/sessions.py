@@ -47,6 +47,7 @@ class Job:
     kind: str
     registration: Registration
     started: float
+    owner: Any = None  # the Session object: a later session of the same identity is not its owner
 
 
 @dataclass
