@@ -28,14 +28,24 @@ Requests (``{"op": ..., "id": <int>, ...}``; the reply echoes ``id``)
     bye()                                  (no reply; ends the session now)
 ``hashes`` is one ``bin``: the hashes back to back, ``hash_bytes`` each (8..64, fixed per
 instance at registration; vLLM's sha256 gives 32), one per block id; ``hash_bytes`` must
-equal the instance's, so a hash of the wrong length is refused, never re-sliced. ``event`` is the 64-byte IPC handle of
-an interprocess CUDA event recorded after the forward that wrote the blocks: the save's
-copy waits on it on the GPU (no host-side wait).
+equal the instance's, so a hash of the wrong length is refused, never re-sliced.
+``event`` is the 64-byte IPC handle of an interprocess CUDA event recorded after the forward
+that wrote the blocks: the save's copy waits on it on the GPU (no host-side wait). The
+server opens each event handle once per session and keeps it; a worker reuses an event
+only after the job that used it has completed. ``storage`` is a sharing handle of
+:mod:`pegaflow.sharing` (CUDA IPC, or named shared memory in CPU mode), opened once per
+registration; ``regions`` are byte offsets from the start of that storage.
+
+A save or load is accepted (its reply sent) once every check has passed, and its copy is
+started right after the reply: the reply never waits for the copy.
 
 Completions: pushed, not polled. When a save or load finishes, the server sends
 ``{"op": "completion", "job_id", "kind", "ok", "num_blocks", "nbytes", "skipped", "missing",
-"error"}`` to the session that started it, after its acceptance reply. If the client's socket
-is away at that moment, completions wait in the session (bounded) until it talks again.
+"error"}`` to the session that started it, after its acceptance reply (``skipped``: indices
+of a save's blocks already held or without room, not an error; ``missing``: indices of a
+load's blocks not held, ``ok`` false). If the client's socket is away at that moment,
+completions wait in the session (bounded) until it talks again. On SIGINT/SIGTERM, copies in
+flight get ``--drain-timeout`` seconds; those still running then are reported failed.
 
 Errors: ``{"id", "ok": False, "code", "message"}``, ``code`` one of ``protocol``'s codes
 (bad_message, too_large, unknown_op, missing_field, bad_field, version_mismatch, no_session,
@@ -53,5 +63,7 @@ finish, which the engine bounds by its write timeout. So a killed client's pins 
 are gone within ``client_timeout * 1.25`` plus the longest transfer it had in flight. A
 client that closes cleanly (``bye``) is released at once. A client that was only slow and
 says hello again after its session expired gets ``lost_jobs``: the jobs it had in flight,
-whose completions it will never receive (the client reports them as failed completions).
+whose completions it will never receive (the client reports them as failed completions);
+their job ids stay refused (duplicate_job) until those copies have finished. In CPU mode the
+named shared-memory segment of a client known dead (by pid) is unlinked when released.
 """
