@@ -223,7 +223,7 @@ def figures(workers: Workers, args: argparse.Namespace, smoke: bool, job_blocks:
         # Loads first (they read the bulk saves' blocks); the saves' churn then evicts those.
         for direction in ("load", "save"):
             arg = {"direction": direction, "rounds": rounds, "inflight": 2 if smoke else 4,
-                   "job_blocks": 4 if smoke else 128, "matmul_n": 64 if smoke else 8192,
+                   "job_blocks": min(job_blocks, 4 if smoke else 128), "matmul_n": 64 if smoke else 8192,
                    "target_ms": 5 if smoke else 200}
             res = out[f"interference_{direction}"] = workers.call("interference", arg)
             log(f"interference ({direction}s): ratios {[round(x, 3) for x in res[0]['ratios']]}, "

@@ -66,6 +66,8 @@ def llama_config(smoke: bool, tp: int) -> Any:
     else:
         dims = dict(hidden_size=4096, intermediate_size=14336 // tp, num_hidden_layers=32,
                     num_attention_heads=32 // tp, num_key_value_heads=8 // tp, head_dim=128, vocab_size=128256)
+    if dims["head_dim"] == dims["hidden_size"] // dims["num_attention_heads"]:
+        del dims["head_dim"]  # the default; only TP shards need it (transformers >= 4.45)
     config = LlamaConfig(max_position_embeddings=16384, attn_implementation="sdpa", **dims)
     config._attn_implementation = "sdpa"
     return config
@@ -431,7 +433,8 @@ def phase_interference(rank: Any, arg: dict[str, Any], barrier: Any) -> dict[str
         ms = _once_ms(lambda: [torch.matmul(a, b, out=c) for _ in range(iters)], rank.cuda)
         return 2 * n**3 * iters / (ms * 1e-3) / 1e12, t0, time.monotonic()
 
-    rate, _, _ = matmuls(2)
+    matmuls(2)  # cuBLAS warm-up
+    rate, _, _ = matmuls(10)
     iters = max(1, int(arg["target_ms"] * 1e-3 * rate * 1e12 / (2 * n**3)))
     if direction == "load":
         rank.poison([x for t in targets for x in t])

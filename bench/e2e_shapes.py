@@ -11,6 +11,7 @@ which allocates it exactly as vLLM 0.33 does (one int8 buffer, per-layer views).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -161,11 +162,24 @@ class Contents:
         k = torch.tensor(keys, dtype=torch.int64).to(self.device, non_blocking=True)
         return (self.pattern[None, :] ^ k[:, None]).view(torch.uint8).reshape(-1)
 
-    def write(self, block_ids: list[int], keys: list[int]) -> None:
-        """The "forward": write blocks on the current stream (torch reference scatter)."""
+    def write(self, block_ids: list[int], keys: list[int], delay: Callable[[], None] | None = None) -> None:
+        """The "forward": write blocks on the current stream. Ids and keys are uploaded first,
+        then ``delay`` runs (a long GPU kernel), then only device work is queued: an upload from
+        pageable memory would make the host wait for the delay, and nothing would be left on
+        the stream for a save to wait on."""
+        chunks = []
         for i in range(0, len(block_ids), CHUNK_BLOCKS):
-            ids = block_ids[i : i + CHUNK_BLOCKS]
-            reference.scatter(self.regions, ids, self.expected(keys[i : i + CHUNK_BLOCKS]))
+            ids = torch.tensor(block_ids[i : i + CHUNK_BLOCKS], dtype=torch.int64).to(self.device)
+            k = torch.tensor(keys[i : i + CHUNK_BLOCKS], dtype=torch.int64).to(self.device)
+            chunks.append((ids, k))
+        if delay is not None:
+            delay()
+        pages = [r.pages(self.regions.num_blocks) for r in self.regions.regions]
+        offsets = self.regions.page_offsets()
+        for ids, k in chunks:
+            data = (self.pattern[None, :] ^ k[:, None]).view(torch.uint8)
+            for page, start, region in zip(pages, offsets, self.regions.regions):
+                page[ids] = data[:, start : start + region.page_bytes]
 
     def mismatches(self, block_ids: list[int], keys: list[int], limit: int = 5) -> list[str]:
         """Blocks whose bytes differ from their key's content (at most ``limit`` described)."""

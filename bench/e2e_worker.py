@@ -108,8 +108,8 @@ class Rank:
         key = self.known.get(block_hash)
         return self.contents.key_of(block_hash) if key is None else key
 
-    def write(self, block_ids: list[int], keys: list[int]) -> None:
-        self.contents.write(block_ids, keys)
+    def write(self, block_ids: list[int], keys: list[int], delay: Any = None) -> None:
+        self.contents.write(block_ids, keys, delay)
         self.held.update(zip(block_ids, keys))
 
     def poison(self, block_ids: list[int]) -> None:
@@ -147,11 +147,12 @@ class Rank:
         w.handle_preemptions(meta)
         w.bind(meta)
         if plan.writes:  # the forward
+            delay = None
             if plan.sleep and self.cuda:
-                lo, hi = SLEEP_CYCLES
-                torch.cuda._sleep(int(torch.randint(lo, hi, (1,), generator=self._gen)))
+                cycles = int(torch.randint(*SLEEP_CYCLES, (1,), generator=self._gen))
+                delay = lambda: torch.cuda._sleep(cycles)  # noqa: E731
             ids = [b for b, _ in plan.writes]
-            self.write(ids, [self.contents.key_of(h) for _, h in plan.writes])
+            self.write(ids, [self.contents.key_of(h) for _, h in plan.writes], delay)
         w.start_load_kv()
         w.wait_for_save()
         result = self._results()
