@@ -136,7 +136,7 @@ def measure(transport: str, endpoint: str, echo_endpoint: str, rounds: int, per_
     backing = torch.randint(-128, 128, (2, blocks, page), dtype=torch.int8)
     client.register_kv_caches(instance, 0, backing, [(0, page, page), (blocks * page, page, page)], blocks)
     held = [os.urandom(32) for _ in range(QUERY_HASHES)]
-    client.save(instance, 0, 1, list(range(QUERY_HASHES)) and [i % blocks for i in range(QUERY_HASHES)], held)
+    client.save(instance, 0, 1, [i % blocks for i in range(QUERY_HASHES)], held)  # 1,000 entries from 64 blocks
     wait_job(client, 1)
     assert client.query(instance, held) == QUERY_HASHES
     missing = [os.urandom(32)] + held[1:]

@@ -141,12 +141,15 @@ class ServerLoop:
                 parts = None  # idle for a sweep period
             if parts is not None:
                 identity = parts[0]
-                if identity == _WAKE_IDENTITY:
-                    with self._wake_lock:
-                        self._wake_pending = False
-                    self._push(service.completions())
-                else:
-                    self._serve(identity, parts)
+                try:
+                    if identity == _WAKE_IDENTITY:
+                        with self._wake_lock:
+                            self._wake_pending = False
+                        self._push(service.completions())
+                    else:
+                        self._serve(identity, parts)
+                except Exception:  # a bug: log it and keep serving the other clients
+                    logger.exception("failed to serve a message from %r", identity)
             now = time.monotonic()
             if now >= next_sweep:
                 self._push(service.completions())
@@ -215,7 +218,7 @@ class ServerLoop:
             self.router.send_multipart([identity, frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
-                raise
+                logger.error("send to %r failed: %s", identity, exc)  # never a reason to stop serving
             if keep:
                 logger.debug("push to %r deferred: %s", identity, exc)
                 self.service.defer(identity, frame)  # delivered when the client talks again
