@@ -79,27 +79,31 @@ def measure_prefill(cfg: Any, barrier: Any) -> dict[str, Any]:
     try:
         from transformers import LlamaModel
     except ImportError as exc:
+        barrier.wait()
         return {"error": f"transformers unavailable: {exc}"}
     device = torch.device(cfg.device)
     cuda = device.type == "cuda"
     config = llama_config(cfg.smoke, cfg.tp)
+    out: dict[str, Any] = {"ms": {}, "layers": config.num_hidden_layers, "shard": f"tp{cfg.tp}" if cfg.tp > 1 else "full"}
+    model = None
     t0 = time.monotonic()
     default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
     try:
+        torch.set_default_dtype(torch.bfloat16)
         with torch.device(device):
             model = LlamaModel(config).eval()
+    except Exception as exc:  # reported in the results; the other ranks must still pass the barrier
+        out["error"] = f"building the model failed: {type(exc).__name__}: {exc}"
     finally:
         torch.set_default_dtype(default)
-    build_s = time.monotonic() - t0
-    out: dict[str, Any] = {"build_s": build_s, "ms": {}, "layers": config.num_hidden_layers,
-                           "shard": f"tp{cfg.tp}" if cfg.tp > 1 else "full"}
+    out["build_s"] = time.monotonic() - t0
     barrier.wait()
-    with torch.inference_mode():
-        for n in cfg.ttft_tokens:
-            ids = torch.randint(0, config.vocab_size, (1, n), device=device)
-            out["ms"][n] = _ms(lambda: model(input_ids=ids, use_cache=False), cuda, repeat=3)
-    del model
+    if model is not None:
+        with torch.inference_mode():
+            for n in cfg.ttft_tokens:
+                ids = torch.randint(0, config.vocab_size, (1, n), device=device)
+                out["ms"][n] = _ms(lambda: model(input_ids=ids, use_cache=False), cuda, repeat=3)
+        del model
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()

@@ -53,11 +53,11 @@ def build_rows(results: dict[str, Any], shape: str, layout: str, tp: int, block_
     for d, key, dirs, name in (("save", "bulk_save", ("save",), "ceiling-contiguous-copy"),
                                ("load", "bulk_load", ("load",), "ceiling-contiguous-copy"),
                                ("both", "bulk_both", ("save", "load"), "ceiling-two-streams")):
-        rows.append(Row(config, d, name, False, round(ceil[d], 2), "GB/s"))
+        rows.append(Row(config, d, name, False, round(ceil[d], 3), "GB/s"))
         if key in results:
             rates = bulk_rates(results[key], dirs)
-            rows.append(Row(config, d, "pegaflow-e2e", True, round(statistics.median(rates), 2), "GB/s",
-                            ceiling=round(ceil[d], 2), note="rounds: " + ", ".join(f"{x:.1f}" for x in rates)))
+            rows.append(_vs(config, d, "pegaflow-e2e", statistics.median(rates), "GB/s", ceil[d],
+                            note="rounds: " + ", ".join(f"{x:.2f}" for x in rates)))
     for direction in ("save", "load"):
         res = results.get(f"interference_{direction}")
         if not res:
@@ -69,8 +69,8 @@ def build_rows(results: dict[str, Any], shape: str, layout: str, tp: int, block_
                         round(statistics.median(ratios), 3), "x alone",
                         note=f"median of {len(ratios)} interleaved rounds, spread {min(ratios):.3f}-{max(ratios):.3f}; "
                         f"matmul alone {min(alone):.0f}-{max(alone):.0f} TFLOP/s"))
-        rows.append(Row(config, "interference", f"{direction}-gbps-meanwhile", True, round(statistics.median(gbps), 2),
-                        "GB/s", ceiling=round(ceil[direction], 2)))
+        rows.append(_vs(config, "interference", f"{direction}-gbps-meanwhile", statistics.median(gbps), "GB/s",
+                        ceil[direction]))
     for k, per_size in _by_size(results.get("overhead")):
         for d in ("save", "load"):
             lat = [x for rank in per_size for x in rank[d]]
@@ -83,6 +83,13 @@ def build_rows(results: dict[str, Any], shape: str, layout: str, tp: int, block_
     return rows
 
 
+def _vs(config: str, direction: str, method: str, value: float, unit: str, ceiling: float,
+        note: str | None = None) -> Row:
+    """A row of ours beside its ceiling; the ratio from the unrounded numbers."""
+    return Row(config, direction, method, True, round(value, 3), unit, ceiling=round(ceiling, 3),
+               ratio=round(value / ceiling, 3) if ceiling else None, note=note)
+
+
 def _by_size(overhead: list[dict] | None) -> list[tuple[int, list[dict]]]:
     if not overhead:
         return []
@@ -91,7 +98,7 @@ def _by_size(overhead: list[dict] | None) -> list[tuple[int, list[dict]]]:
 
 def _ttft_rows(config: str, results: dict[str, Any]) -> list[Row]:
     ttft, prefill = results.get("ttft"), results.get("prefill")
-    if not ttft or not prefill or any("ms" not in p for p in prefill):
+    if not ttft or not prefill or any(p.get("error") or not p.get("ms") for p in prefill):
         return []
     rows = []
     for tokens in ttft[0]:
@@ -105,8 +112,7 @@ def _ttft_rows(config: str, results: dict[str, Any]) -> list[Row]:
         rows.append(Row(config, "ttft", f"contiguous-copy-{tokens}tok", False, round(copy, 3), "ms"))
         rows.append(Row(config, "ttft", f"pegaflow-load-{tokens}tok", True, round(load, 3), "ms",
                         note=f"{ttft[0][tokens]['blocks']} blocks through the whole stack, median"))
-        rows.append(Row(config, "ttft", f"speedup-{tokens}tok", True, round(pre / load, 2), "x",
-                        ceiling=round(pre / copy, 2),
+        rows.append(_vs(config, "ttft", f"speedup-{tokens}tok", pre / load, "x", pre / copy,
                         note="prefill/load; ceiling = prefill/contiguous copy (the PCIe bound)"))
     return rows
 
@@ -126,6 +132,9 @@ def summarize(results: dict[str, Any], rows: list[Row]) -> list[str]:
                      f"({s.get('blocks_checked', 0)} blocks) bit-exact, {s['mismatches']} mismatches, "
                      f"{s.get('saves_failed', 0)} failed saves, drained={s['drained']}")
         lines += [f"  {m}" for m in replay["mismatches"]]
+    for rank, pre in enumerate(results.get("prefill") or []):
+        if pre.get("error"):
+            lines.append(f"FAIL ttft prefill on rank {rank}: {pre['error']}")
     bad = _figure_problems(results)
     lines.append(("FAIL figure phases: " + "; ".join(bad[:5])) if bad else "PASS figure phases: every load bit-exact")
     for r in rows:
