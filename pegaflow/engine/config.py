@@ -9,10 +9,12 @@ from dataclasses import dataclass
 
 # Per direction and per device: the save path and the load path each hold one staging buffer
 # of this size, split in two halves so that gathering chunk k+1 overlaps the DMA of chunk k.
-# A 16 MiB half moves in ~0.3 ms at 55 GB/s, long enough that the per-chunk launch and event
-# cost (~10-20 us) stays under a few percent, short enough that one gather launch is a brief
-# SM burst; bench/engine.py --staging-sweep measures the choice.
-DEFAULT_STAGING_BYTES = 32 << 20
+# Profiled on the H200 (2026-11-27, torch.profiler): issuing one chunk (gather launch, DMA,
+# events) costs the host ~0.35-0.45 ms, and the save and load threads take turns under the
+# GIL; with 16 MiB halves (0.3 ms of DMA) the copy engines idled between chunks and saves
+# and loads at once ran one after the other. A 64 MiB half carries ~1.2 ms of DMA, more
+# than both directions' issue cost, and its gather is still a ~35 us SM burst.
+DEFAULT_STAGING_BYTES = 128 << 20
 # Threads that first-touch the pool: page faults are per-core work, 16 cores on the GPU host.
 DEFAULT_PIN_THREADS = min(16, os.cpu_count() or 1)
 SAVE_MODES = ("staged", "zero_copy")

@@ -114,6 +114,19 @@ def _fail(job: CopyJob, exc: BaseException) -> None:
     job.finish(False, f"{type(exc).__name__}: {exc}")
 
 
+def _stage(copier: Any, job: CopyJob, first: int, count: int, staging: torch.Tensor, to_kv: bool) -> None:
+    """Blocks ``[first, first + count)`` of a job <-> consecutive slot-sized rows of ``staging``."""
+    ids = job.block_ids[first : first + count]
+    if job.slot_bytes == job.kv.block_bytes:
+        # Rows are back to back: the plain copy needs no slot table to validate and upload.
+        rows = staging[: count * job.slot_bytes]
+        (copier.scatter if to_kv else copier.gather)(job.kv, ids, rows)
+    elif to_kv:
+        copier.scatter_from_slots(job.kv, ids, staging, list(range(count)), job.slot_bytes)
+    else:
+        copier.gather_into_slots(job.kv, ids, staging, list(range(count)), job.slot_bytes)
+
+
 class CpuLane:
     """Reference copies between CPU KV caches and the (unpinned) pool."""
 
@@ -245,9 +258,7 @@ class GpuLane:
             first, count = chunk[0].first, sum(p.count for p in chunk)
             path.sm.wait_event(path.free[b])
             with torch.cuda.stream(path.sm), _KERNEL_LOCK:
-                self._copier.gather_into_slots(
-                    job.kv, job.block_ids[first : first + count], staging[b], list(range(count)), slot
-                )
+                _stage(self._copier, job, first, count, staging[b], to_kv=False)
             path.ready[b].record(path.sm)
             path.dma.wait_event(path.ready[b])
             with torch.cuda.stream(path.dma):
@@ -276,9 +287,7 @@ class GpuLane:
             first, count = chunk[0].first, sum(p.count for p in chunk)
             path.sm.wait_event(path.ready[b])
             with torch.cuda.stream(path.sm), _KERNEL_LOCK:
-                self._copier.scatter_from_slots(
-                    job.kv, job.block_ids[first : first + count], staging[b], list(range(count)), slot
-                )
+                _stage(self._copier, job, first, count, staging[b], to_kv=True)
             path.free[b].record(path.sm)
 
         # DMA k+1 is enqueued before scatter k, so the copy engine always has the next chunk
