@@ -15,7 +15,8 @@ with the same error instead of waiting again: a dead server costs the caller not
 An error reply raises :class:`PegaServerError` with the server's ``code``.
 
 Sessions: the client's socket identity is its session id. The first call sends ``hello``
-(protocol version check); a background thread with its own socket sends heartbeats so the
+(protocol version check, and the shared secret from ``auth_token`` or ``$PEGAFLOW_AUTH_TOKEN``
+for a server that requires one: without it every call raises ``PegaServerError("unauthorized")``); a background thread with its own socket sends heartbeats so the
 server can release a dead client's registrations (see ``pegaflow.server``). After a reconnect
 or a server restart the client says ``hello`` again by itself; calls that need no state on
 the server (query, stats, health, register_instance, unregister) are then retried once,
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ENDPOINT = "ipc:///tmp/pega_engine.sock"
 ENDPOINT_ENV = "PEGAFLOW_ENGINE_ENDPOINT"
+AUTH_TOKEN_ENV = "PEGAFLOW_AUTH_TOKEN"  # the shared secret of a server started with one
 _BACKOFF_START_S, _BACKOFF_MAX_S = 0.1, 5.0
 _STATELESS_OPS = frozenset(("query", "stats", "health", "register_instance", "unregister"))
 
@@ -116,10 +118,12 @@ class PegaClient:
     """A session with one PegaFlow server (see the module docstring)."""
 
     def __init__(self, endpoint: str | None = None, timeout_s: float = 2.0, name: str = "client",
-                 heartbeat: bool = True) -> None:
+                 heartbeat: bool = True, auth_token: str | None = None) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.endpoint = endpoint or default_endpoint()
+        # Sent in every hello; a server without a secret ignores it.
+        self._auth_token = auth_token if auth_token is not None else os.environ.get(AUTH_TOKEN_ENV) or None
         self.timeout_s = float(timeout_s)
         self.name = name
         self.session = b"P" + os.urandom(SESSION_BYTES - 1)  # a leading 0 byte is reserved by ZMQ
@@ -286,8 +290,10 @@ class PegaClient:
                 return self._request(msg, deadline)
 
     def _hello(self, deadline: float) -> dict[str, Any]:
-        reply = self._request({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(),
-                               "name": self.name[:256] or "client"}, deadline)
+        hello = {"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(), "name": self.name[:256] or "client"}
+        if self._auth_token:
+            hello["token"] = self._auth_token
+        reply = self._request(hello, deadline)
         self.server_info = {k: v for k, v in reply.items() if k not in ("id", "ok", "lost_jobs")}
         self._need_hello = False
         for job_id in reply.get("lost_jobs") or ():

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 ENV_ENDPOINT = "PEGAFLOW_ENGINE_ENDPOINT"
 ENV_INSTANCE_ID = "PEGAFLOW_INSTANCE_ID"
+ENV_AUTH_TOKEN = "PEGAFLOW_AUTH_TOKEN"
 # The server's default control endpoint (python -m pegaflow.server without --endpoint).
 DEFAULT_ENDPOINT = "ipc:///tmp/pega_engine.sock"
 SAVE_SCOPES = ("prompt", "all")
@@ -39,6 +40,8 @@ class ConnectorSettings:
     * ``retry_initial_s`` / ``retry_max_s``: back-off after the server was unreachable; in
       between, every lookup is a miss and nothing is sent.
     * ``save_scope``: ``"all"`` saves prompt and decode blocks, ``"prompt"`` prompt blocks only.
+    * ``auth_token``: the shared secret of a server started with one (``$PEGAFLOW_AUTH_TOKEN``
+      overrides it; the client reads that variable itself when this is unset).
     """
 
     endpoint: str = DEFAULT_ENDPOINT
@@ -49,6 +52,7 @@ class ConnectorSettings:
     retry_initial_s: float = 1.0
     retry_max_s: float = 30.0
     save_scope: str = "all"
+    auth_token: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("endpoint", "instance_id"):
@@ -66,6 +70,8 @@ class ConnectorSettings:
                 f"PegaKVConnector setting retry_max_s ({self.retry_max_s}) must be >= "
                 f"retry_initial_s ({self.retry_initial_s})"
             )
+        if self.auth_token is not None and (not isinstance(self.auth_token, str) or not self.auth_token):
+            raise ValueError("PegaKVConnector setting auth_token must be a non-empty string")
         if self.save_scope not in SAVE_SCOPES:
             raise ValueError(f"PegaKVConnector setting save_scope must be one of {SAVE_SCOPES}, got {self.save_scope!r}")
 
@@ -95,6 +101,8 @@ class ConnectorSettings:
             extra["endpoint"] = env[ENV_ENDPOINT]
         if env.get(ENV_INSTANCE_ID):
             extra["instance_id"] = env[ENV_INSTANCE_ID]
+        if env.get(ENV_AUTH_TOKEN):
+            extra["auth_token"] = env[ENV_AUTH_TOKEN]
         if "instance_id" not in extra and engine_id:
             extra["instance_id"] = f"vllm-{engine_id}"
         return cls(**extra)

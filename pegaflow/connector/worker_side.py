@@ -165,6 +165,7 @@ class ConnectorWorker:
         self._clock = clock
         self._regions: KVRegions | None = None
         self._registered = False
+        self._register_after = 0.0  # no registration attempt before this (after a refusal)
         self._meta: PegaConnectorMetadata | None = None
         self._started: set[int] = set()  # load job ids submitted this step
         self._loads: dict[int, _Pending] = {}
@@ -200,7 +201,7 @@ class ConnectorWorker:
     def _ensure_registered(self) -> bool:
         if self._registered:
             return True
-        if self._regions is None or not self.link.available():
+        if self._regions is None or not self.link.available() or self._clock() < self._register_after:
             return False
         g, kv = self.geometry, self._regions
         try:
@@ -228,9 +229,14 @@ class ConnectorWorker:
         except LinkUnavailable:
             return False
         except LinkRejected as exc:
-            if exc.code != "already_registered":
-                logger.error("PegaFlow refused rank %d's registration: %s", self.rank, exc)
-                return False
+            # already_registered means another client holds the rank (this rank's previous
+            # process, until its session expires): taking it for success made every transfer
+            # fail with not_registered and register again, step after step. Wait a back-off.
+            log = logger.warning if exc.code == "already_registered" else logger.error
+            log("PegaFlow refused rank %d's registration (retrying in %.1f s): %s", self.rank,
+                self.settings.retry_initial_s, exc)
+            self._register_after = self._clock() + self.settings.retry_initial_s
+            return False
         self._registered = True
         return True
 

@@ -38,7 +38,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging level")
     parser.add_argument("--metrics-port", type=int, default=0,
-                        help="serve Prometheus text on http://0.0.0.0:PORT/metrics and a /health route; 0 = off")
+                        help="serve Prometheus text on http://METRICS_HOST:PORT/metrics and a /health route; 0 = off")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="address of the metrics route (counters only, no KV data); a non-loopback address "
+                        "needs --allow-remote")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow --addr/--endpoint/--metrics-host beyond loopback; the server then also needs "
+                        "a shared secret that every client presents (--auth-token-file or $PEGAFLOW_AUTH_TOKEN)")
+    parser.add_argument("--auth-token-file", default=None,
+                        help="file holding the shared secret (16+ printable characters, mode 600) every client must "
+                        "present in its hello (clients read $PEGAFLOW_AUTH_TOKEN); default: $PEGAFLOW_AUTH_TOKEN "
+                        "if set, else no secret (allowed on loopback and IPC only)")
     parser.add_argument("--client-timeout", type=float, default=10.0,
                         help="seconds a client may stay silent (clients heartbeat every quarter of it) before its "
                         "KV cache registrations are released")
@@ -75,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     from pegaflow.engine import Engine, EngineConfig, parse_size
+    from pegaflow.server import exposure
     from pegaflow.server.loop import LoopConfig, ServerLoop, tcp_endpoint
     from pegaflow.server.metrics import MetricsServer
 
@@ -83,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pool_bytes = parse_size(pool_text)
         tcp = None if args.addr.lower() == "none" else tcp_endpoint(args.addr)
+        token = exposure.load_token(args.auth_token_file)
         loop_config = LoopConfig(endpoint=args.endpoint, tcp=tcp, client_timeout_s=args.client_timeout,
-                                 drain_timeout_s=args.drain_timeout)
+                                 drain_timeout_s=args.drain_timeout, allow_remote=args.allow_remote,
+                                 auth_token=token)
+        if args.metrics_port and not args.allow_remote and not exposure.is_local(f"tcp://{args.metrics_host}:0"):
+            raise ValueError(f"refusing to serve metrics on {args.metrics_host}: a non-loopback address needs "
+                             "--allow-remote")
         engine_config = EngineConfig(pool_bytes=pool_bytes, devices=devices, write_timeout_s=args.write_timeout)
     except ValueError as exc:
         raise SystemExit(f"pegaflow.server: {exc}") from None
@@ -100,15 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"pegaflow.server: cannot bind: {exc}") from None
     metrics = None
     if args.metrics_port:
-        metrics = MetricsServer(server.service, args.metrics_port)
+        metrics = MetricsServer(server.service, args.metrics_port, host=args.metrics_host)
         metrics.start()
     signal.signal(signal.SIGTERM, server.request_stop)
     signal.signal(signal.SIGINT, server.request_stop)
     logger.info(
-        "pegaflow server ready: listening on %s; pool %s (%d bytes); devices %s; client timeout %.1f s; metrics %s",
+        "pegaflow server ready: listening on %s; pool %s (%d bytes); devices %s; client timeout %.1f s; metrics %s; "
+        "auth %s",
         " and ".join(bound), pool_text, pool_bytes,
         ",".join(f"cuda:{d}" for d in devices) if devices else "cpu (CPU mode)", args.client_timeout,
-        f"http://0.0.0.0:{metrics.port}/metrics" if metrics else "off",
+        f"http://{args.metrics_host}:{metrics.port}/metrics" if metrics else "off",
+        "token required" if token else "off (local only)",
     )
     server.run()
     if metrics:

@@ -18,11 +18,12 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
+from pegaflow.server import exposure
 from pegaflow.server import protocol as P
 from pegaflow.server.service import Service
 
@@ -41,6 +42,8 @@ class LoopConfig:
     tcp: str | None  # tcp://HOST:PORT; port 0 picks a free one
     client_timeout_s: float = 10.0
     drain_timeout_s: float = 30.0
+    allow_remote: bool = False  # may listen beyond loopback (needs auth_token too)
+    auth_token: str | None = field(default=None, repr=False)  # every hello must present it
 
     def __post_init__(self) -> None:
         if not isinstance(self.endpoint, str) or "://" not in self.endpoint:
@@ -51,6 +54,10 @@ class LoopConfig:
             raise ValueError(f"client_timeout_s must be > 0, got {self.client_timeout_s!r}")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s!r}")
+        if self.auth_token is not None:
+            exposure.check_token(self.auth_token, "auth_token")
+        exposure.check_exposure([self.endpoint, *([self.tcp] if self.tcp else [])], self.allow_remote,
+                                self.auth_token)
 
 
 def tcp_endpoint(addr: str) -> str:
@@ -71,7 +78,8 @@ class ServerLoop:
 
     def __init__(self, config: LoopConfig, engine: Any, devices: tuple[int, ...]) -> None:
         self.config = config
-        self.service = Service(engine, devices=devices, client_timeout_s=config.client_timeout_s, wake=self.wake)
+        self.service = Service(engine, devices=devices, client_timeout_s=config.client_timeout_s, wake=self.wake,
+                               auth_token=config.auth_token)
         self._stop_requested = False
         self.ctx = zmq.Context()
         self.router: zmq.Socket | None = None

@@ -88,7 +88,7 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
 class MetricsServer:
     """An HTTP server thread: ``/metrics`` (Prometheus text) and ``/health`` (JSON)."""
 
-    def __init__(self, service: Any, port: int, host: str = "0.0.0.0") -> None:
+    def __init__(self, service: Any, port: int, host: str = "127.0.0.1") -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServiceCollector(service))
         registry = self.registry

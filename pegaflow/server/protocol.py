@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import struct
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -39,6 +39,7 @@ MAX_TP_SIZE = 1024
 MAX_STRING = 256
 MIN_HASH_BYTES, MAX_HASH_BYTES = 8, 64  # xxhash-64 .. sha512; vLLM's sha256 gives 32
 MAX_STORAGE_BYTES = 1 << 48
+MAX_TOKEN = 1024  # hello's shared secret (pegaflow.server.exposure.MAX_TOKEN_CHARS)
 
 SESSION_BYTES = 16
 
@@ -59,6 +60,7 @@ BAD_HASH = "bad_hash"  # hashes of the wrong length, or not one per block
 DUPLICATE_JOB = "duplicate_job"
 SHARE_FAILED = "share_failed"  # the memory-sharing handle could not be opened
 SHUTTING_DOWN = "shutting_down"
+UNAUTHORIZED = "unauthorized"  # the server wants a shared secret in hello: missing or wrong
 INTERNAL = "internal"
 
 
@@ -131,11 +133,14 @@ class Hello:
     version: int
     pid: int = 0
     name: str = "client"
+    token: str = field(default="", repr=False)  # the shared secret of a server started with one (see pegaflow.server.exposure)
 
     def __post_init__(self) -> None:
         check_int("version", self.version, 0, MAX_ID)
         check_int("pid", self.pid, 0, 1 << 31)
         check_str("name", self.name)
+        if type(self.token) is not str or len(self.token) > MAX_TOKEN:
+            raise _bad("token", f"a string of at most {MAX_TOKEN} characters", "<not shown>")
 
 
 @dataclass(frozen=True)
@@ -288,7 +293,7 @@ Request = (
 
 # op -> (class, required fields, optional fields); "id" and "op" are implied.
 _OPS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
-    "hello": (Hello, ("version",), ("pid", "name")),
+    "hello": (Hello, ("version",), ("pid", "name", "token")),
     "heartbeat": (Heartbeat, ("session",), ()),
     "register_instance": (
         RegisterInstance,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from pegaflow.server import exposure
 from pegaflow.server import protocol as P
 from pegaflow.server.sessions import MAX_EVENTS_PER_SESSION, Job, Registration, Session
 
@@ -52,8 +53,11 @@ class Service:
     """Sessions, instances and registrations around one engine."""
 
     def __init__(self, engine: Any, *, devices: tuple[int, ...], client_timeout_s: float,
-                 wake: Callable[[], None] = lambda: None) -> None:
+                 wake: Callable[[], None] = lambda: None, auth_token: str | None = None) -> None:
         self.engine = engine
+        # With a secret, a hello must present it, and nothing but hello and heartbeat is served
+        # to a client without a session (health and stats included).
+        self._auth_token = auth_token.encode("utf-8") if auth_token is not None else None
         self.devices = devices  # () = CPU mode
         self.client_timeout_s = client_timeout_s
         self.heartbeat_s = client_timeout_s / 4
@@ -91,6 +95,9 @@ class Service:
             session = self.sessions.get(identity)
             if session is not None:
                 session.last_seen = now
+            elif self._auth_token is not None and type(request) not in (P.Hello, P.Heartbeat):
+                raise P.ProtocolError(P.UNAUTHORIZED, "this server needs a shared secret: send hello with "
+                                      "its token first (PEGAFLOW_AUTH_TOKEN)")
             elif type(request) not in _SESSIONLESS:
                 raise P.ProtocolError(P.NO_SESSION, "no session: send hello first (or the session expired)")
             if self.stopping and type(request) not in (P.Health, P.Stats, P.Heartbeat, P.Bye):
@@ -171,6 +178,12 @@ class Service:
                 "run the same pegaflow version on both sides",
                 req.id,
             )
+        if self._auth_token is not None and not exposure.token_matches(self._auth_token, req.token):
+            if self.counters.errors[P.UNAUTHORIZED] % 1000 == 0:  # the first, then one in 1000: no log flood
+                logger.warning("hello from %s (pid %d) refused: %s auth token (%d refused so far)", req.name,
+                               req.pid, "wrong" if req.token else "no", self.counters.errors[P.UNAUTHORIZED] + 1)
+            raise P.ProtocolError(P.UNAUTHORIZED, "wrong or missing auth token (set PEGAFLOW_AUTH_TOKEN to the "
+                                  "server's secret)", req.id)
         resumed = session is not None
         lost_jobs = self._lost_jobs.pop(identity, [])
         if session is None:
