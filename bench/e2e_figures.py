@@ -115,6 +115,7 @@ class Job:
     direction: str  # "save" or "load"
     block_ids: list[int]
     hashes: list[bytes]
+    failed: bool = False  # a load the server reported failed (its blocks were evicted): not checked
 
 
 @dataclass
@@ -160,6 +161,7 @@ def run_jobs(rank: Any, jobs: list[Job], inflight: int) -> dict[str, Tally]:
             t.end = now
             if req in failed:
                 t.failed += 1
+                job.failed = True
             else:
                 t.done.append((now, len(job.block_ids)))
     for t in tally.values():
@@ -177,7 +179,9 @@ def _rate(rank: Any, t: Tally) -> dict[str, float]:
 def _check_loads(rank: Any, jobs: list[Job]) -> list[str]:
     bad: list[str] = []
     for job in jobs:
-        if job.direction == "load":
+        # A failed load is a reported cache miss (vLLM recomputes); only successful ones must
+        # hold the saved bytes. Failures are counted in the phase's rates.
+        if job.direction == "load" and not job.failed:
             bad += rank.check(job.block_ids, job.hashes)
     return bad
 
