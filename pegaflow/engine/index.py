@@ -85,6 +85,9 @@ class BlockIndex:
         self._clock = clock
         self._lock = threading.Lock()
         self._entries: dict[Key, Entry] = {}
+        # The same entries by namespace, then hash: the query loop looks up raw hashes without
+        # building a key tuple per hash. Changed only through _put and _pop.
+        self._by_namespace: dict[str, dict[bytes, Entry]] = {}
         self._ready: OrderedDict[Key, Entry] = OrderedDict()  # READY and unpinned, LRU first
         self._writing: OrderedDict[Key, Entry] = OrderedDict()  # by creation time
         self._pinned = 0  # entries with pins > 0
@@ -92,22 +95,38 @@ class BlockIndex:
 
     # -- queries ------------------------------------------------------------------------
 
-    def query(self, namespace: str, hashes: Sequence[bytes]) -> int:
-        """Length of the longest prefix of READY entries; refreshes their LRU places."""
+    def query(self, namespace: str, hashes: Sequence[bytes], touch: bool = True) -> int:
+        """Length of the longest prefix of READY entries; refreshes their LRU places.
+
+        ``touch=False`` leaves the LRU order for a later :meth:`touch` (the server replies
+        first: the refresh is a third of a held query's cost).
+        """
         with self._lock:
-            self._reclaim_expired()
-            entries, ready = self._entries, self._ready
+            if self._writing:
+                self._reclaim_expired()
+            table = self._by_namespace.get(namespace, {})
+            refresh = self._ready.move_to_end
             n = 0
             for h in hashes:
-                entry = entries.get((namespace, h))
-                if entry is None or entry.state != READY:
+                entry = table.get(h)
+                if entry is None or entry.state is not READY:
                     break
-                if entry.pins == 0:
-                    ready.move_to_end(entry.key)
+                if touch and not entry.pins:
+                    refresh(entry.key)
                 n += 1
             self.counters["hits"] += n
             self.counters["misses"] += len(hashes) - n
             return n
+
+    def touch(self, namespace: str, hashes: Sequence[bytes], count: int) -> None:
+        """Refresh the LRU places of the first ``count`` hashes that are still READY and unpinned."""
+        with self._lock:
+            table = self._by_namespace.get(namespace, {})
+            ready = self._ready
+            for h, _ in zip(hashes, range(count)):
+                entry = table.get(h)
+                if entry is not None and entry.key in ready:
+                    ready.move_to_end(entry.key)
 
     def state_of(self, namespace: str, h: bytes) -> str | None:
         """READY, WRITING or None (for tests and diagnostics)."""
@@ -262,7 +281,7 @@ class BlockIndex:
         created = []
         for (i, h), slots in zip(fresh[:count], offsets_per_block):
             entry = Entry((namespace, h), slot_bytes, slots, now)
-            self._entries[entry.key] = entry
+            self._put(entry)
             self._writing[entry.key] = entry
             created.append((i, entry))
         return created
@@ -281,7 +300,7 @@ class BlockIndex:
             batch: list[Entry] = []
             while self._ready and shortfall > 0:
                 _, victim = self._ready.popitem(last=False)
-                del self._entries[victim.key]
+                self._pop(victim)
                 batch.append(victim)
                 shortfall -= victim.slot_bytes * len(victim.slots)
             if not batch:
@@ -302,7 +321,7 @@ class BlockIndex:
         for offset, nbytes in _merged_runs(evicted):
             self.allocator.reserve(offset, nbytes)
         for entry in reversed(evicted):
-            self._entries[entry.key] = entry
+            self._put(entry)
             self._ready[entry.key] = entry
             self._ready.move_to_end(entry.key, last=False)
 
@@ -321,9 +340,20 @@ class BlockIndex:
     def _drop(self, entry: Entry) -> None:
         """Remove from every table; the caller frees the slots when nothing is in flight."""
         entry.dead = True
-        del self._entries[entry.key]
+        self._pop(entry)
         self._writing.pop(entry.key, None)
         self._ready.pop(entry.key, None)
+
+    def _put(self, entry: Entry) -> None:
+        self._entries[entry.key] = entry
+        self._by_namespace.setdefault(entry.key[0], {})[entry.key[1]] = entry
+
+    def _pop(self, entry: Entry) -> None:
+        del self._entries[entry.key]
+        table = self._by_namespace[entry.key[0]]
+        del table[entry.key[1]]
+        if not table:
+            del self._by_namespace[entry.key[0]]
 
     def _release_if_idle(self, entry: Entry) -> None:
         """Free a dead entry's slots once no copy writes or reads them."""
