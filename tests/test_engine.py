@@ -316,3 +316,29 @@ def test_close_is_idempotent_and_final():
     engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.register_instance(spec_for(llama_like()))
+
+
+def test_reset_drops_the_namespace_and_a_load_in_flight_still_completes():
+    a, other = llama_like(), llama_like()
+    with Engine(EngineConfig(pool_bytes=64 * a.regions.block_bytes)) as engine:
+        engine.register_instance(spec_for(a, "a"))
+        engine.register_instance(spec_for(other, "o", model="other"))
+        engine.register_kv("a", 0, a.regions)
+        engine.register_kv("o", 0, other.regions)
+        hs = hashes(4)
+        assert engine.save("a", 0, [0, 1, 2, 3], hs).wait(10).ok
+        assert engine.save("o", 0, [0, 1], hs[:2]).wait(10).ok
+        expected = [block_bytes_of(a, i) for i in (0, 1)]
+        used = engine.stats()["pool_used"]
+        gate = _gate(engine, LOAD)
+        try:
+            handle = engine.load("a", 0, [5, 6], hs[:2])
+            assert engine.reset("a") == 4
+            assert engine.query("a", hs) == 0 and engine.query("o", hs[:2]) == 2
+            assert engine.load("a", 0, [7], hs[2:3]).wait(10).missing == (0,)
+        finally:
+            gate.set()
+        assert handle.wait(10).ok
+        assert [block_bytes_of(a, i) for i in (5, 6)] == expected
+        stats = engine.stats()
+        assert stats["entries_pinned"] == 0 and stats["pool_used"] == used // 3  # o's 2 of 6 slots

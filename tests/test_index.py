@@ -215,3 +215,15 @@ def test_stats_account_for_every_slot(ranks):
     stats = index.stats()
     assert stats["entries"] == stats["entries_ready"] == 10
     assert stats["pool_used"] == 10 * ranks * S and stats["pool_free"] == (64 - 10 * ranks) * S
+
+
+def test_drop_namespace_frees_ready_slots_now_and_in_flight_ones_when_their_copy_completes():
+    index = BlockIndex(8 * S, 30.0)
+    save(index, [0, 1])
+    save(index, [0], ns="other@ns")
+    writing = index.prepare_save(NS, [h(2)], 0, 1, S)  # copy still in flight
+    assert index.drop_namespace(NS) == 3
+    assert index.query(NS, [h(0)]) == 0 and index.query("other@ns", [h(0)]) == 1
+    assert index.allocator.used_bytes == 2 * S  # other@ns's block and the slot being written
+    index.complete_save(writing, True)
+    assert index.allocator.used_bytes == S and index.query(NS, [h(2)]) == 0

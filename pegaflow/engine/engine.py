@@ -144,6 +144,19 @@ class Engine:
             self._release(pinned)
         logger.info("instance %s unregistered (%d pinned loads released)", instance_id, len(loads))
 
+    def reset(self, instance_id: str) -> int:
+        """Drop every stored block of the instance's namespace; returns how many.
+
+        For vLLM's ``reset_prefix_cache`` (new weights make old KV wrong). Every instance that
+        shares the namespace loses those blocks too: instances whose weights differ must not
+        share a namespace.
+        """
+        with self._lock:
+            namespace = self._instance(instance_id).namespace
+        dropped = self.index.drop_namespace(namespace)
+        logger.info("instance %s reset: %d blocks of %s dropped", instance_id, dropped, namespace)
+        return dropped
+
     # -- queries and transfers ----------------------------------------------------------
 
     def query(self, instance_id: str, hashes: Sequence[bytes]) -> int:

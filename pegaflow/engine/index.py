@@ -91,7 +91,7 @@ class BlockIndex:
         self._ready: OrderedDict[Key, Entry] = OrderedDict()  # READY and unpinned, LRU first
         self._writing: OrderedDict[Key, Entry] = OrderedDict()  # by creation time
         self._pinned = 0  # entries with pins > 0
-        self.counters = {"hits": 0, "misses": 0, "evictions": 0, "write_timeouts": 0, "no_room": 0}
+        self.counters = {"hits": 0, "misses": 0, "evictions": 0, "write_timeouts": 0, "no_room": 0, "dropped": 0}
 
     # -- queries ------------------------------------------------------------------------
 
@@ -215,6 +215,20 @@ class BlockIndex:
                     # A failed copy leaves the slot's bytes unknown: drop the whole entry.
                     self._drop(entry)
                 self._release_if_idle(entry)
+
+    def drop_namespace(self, namespace: str) -> int:
+        """Forget every block of ``namespace`` (vLLM's prefix-cache reset, e.g. after new weights).
+
+        Nothing of it is a hit or loadable afterwards. Slots of copies still in flight are freed
+        when those copies complete; a load that already started finishes from its stable copy.
+        """
+        with self._lock:
+            entries = list(self._by_namespace.get(namespace, {}).values())
+            for entry in entries:
+                self._drop(entry)
+                self._release_if_idle(entry)
+            self.counters["dropped"] += len(entries)
+            return len(entries)
 
     # -- loads --------------------------------------------------------------------------
 
