@@ -30,7 +30,7 @@ sys.path[:0] = [str(_ROOT), str(_ROOT / "bench")]
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from common import Row, arg_parser, gbps, print_table, write_json  # noqa: E402
+from common import Row, arg_parser, cuda_time_ms, gbps, print_table, write_json  # noqa: E402
 from gather_scatter import CONFIGS  # noqa: E402
 
 from pegaflow.engine import Engine, EngineConfig, InstanceSpec  # noqa: E402
@@ -141,17 +141,7 @@ class Ceilings:
 
     @staticmethod
     def _timed(fn, nbytes: int, repeat: int) -> float:
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeat):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return gbps(nbytes, statistics.median(times))
+        return gbps(nbytes, cuda_time_ms(fn, warmup=1, repeat=repeat))
 
     def close(self) -> None:
         del self.gpu
