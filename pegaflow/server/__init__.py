@@ -11,7 +11,7 @@ Sockets
     ``protocol.MAX_MESSAGE_BYTES`` (16 MiB; beyond 4x that ZMQ drops the connection).
 
 Requests (``{"op": ..., "id": <int>, ...}``; the reply echoes ``id``)
-    hello(version, pid?, name?)            -> {version, server, cpu_mode, devices, heartbeat_s,
+    hello(version, pid?, name?, token?)    -> {version, server, cpu_mode, devices, heartbeat_s,
                                                client_timeout_s, max_message_bytes, resumed, lost_jobs}
     register_instance(instance_id, model, kv_dtype, layout, block_size, page_bytes[],
                       tp_size?, replicated?, hash_bytes?)   -> {namespace}
@@ -50,10 +50,16 @@ flight get ``--drain-timeout`` seconds; those still running then are reported fa
 Errors: ``{"id", "ok": False, "code", "message"}``, ``code`` one of ``protocol``'s codes
 (bad_message, too_large, unknown_op, missing_field, bad_field, version_mismatch, no_session,
 unknown_instance, instance_conflict, not_registered, already_registered, out_of_range,
-bad_hash, duplicate_job, share_failed, shutting_down, internal). ``id`` is null when the
+bad_hash, duplicate_job, share_failed, shutting_down, unauthorized, internal). ``id`` is null when the
 frame could not be read. Every request is validated before anything acts on it: block ids
 against the registered cache, hashes against the instance's length, before any copy.
 Everything except hello, health, stats and heartbeat needs a session (a hello first).
+
+Exposure (:mod:`pegaflow.server.exposure`): by default the server listens on the IPC socket
+(mode 0600) and loopback TCP only, metrics on 127.0.0.1. Any other address is refused at
+start-up unless ``--allow-remote`` AND a shared secret (``--auth-token-file`` or
+``$PEGAFLOW_AUTH_TOKEN``) are given. With a secret, ``hello`` must carry it as ``token``
+(compared in constant time); until then every request but heartbeat gets ``unauthorized``.
 
 Liveness: clients send a heartbeat every ``heartbeat_s`` (a quarter of ``--client-timeout``)
 from a thread of their own. A session silent for ``--client-timeout`` seconds (default 10)
