@@ -53,10 +53,10 @@ def as_id_array(ids: Ids, name: str) -> np.ndarray:
     if array.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {array.shape}")
     if array.dtype.kind not in "iu":
-        bad = next((v for v in ids if not isinstance(v, (int, np.integer)) or isinstance(v, bool)), None)
-        if bad is None:  # Python ints beyond 64 bits make an object array
+        bad = [v for v in ids if not isinstance(v, (int, np.integer)) or isinstance(v, bool)]
+        if not bad:  # Python ints beyond 64 bits make an object array
             raise ValueError(f"{name} holds an id that does not fit in int64")
-        raise ValueError(f"{name} must hold ints, found {bad!r}")
+        raise ValueError(f"{name} must hold ints, found {bad[0]!r}")
     if array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
         raise ValueError(f"{name} holds an id that does not fit in int64")
     return array.astype(np.int64, copy=False)
