@@ -52,7 +52,7 @@ DEFAULT_ENDPOINT = "ipc:///tmp/pega_engine.sock"
 ENDPOINT_ENV = "PEGAFLOW_ENGINE_ENDPOINT"
 AUTH_TOKEN_ENV = "PEGAFLOW_AUTH_TOKEN"  # the shared secret of a server started with one
 _BACKOFF_START_S, _BACKOFF_MAX_S = 0.1, 5.0
-_STATELESS_OPS = frozenset(("query", "stats", "health", "register_instance", "unregister"))
+_STATELESS_OPS = frozenset(("query", "stats", "health", "register_instance", "unregister", "reset"))
 
 
 class PegaClientError(Exception):
@@ -235,6 +235,10 @@ class PegaClient:
     def unregister(self, instance_id: str) -> None:
         """Forget an instance on the server (its stored blocks stay; its pins are released)."""
         self._call({"op": "unregister", "instance_id": instance_id})
+
+    def reset(self, instance_id: str) -> int:
+        """Drop every block stored under the instance's namespace; returns how many."""
+        return int(self._call({"op": "reset", "instance_id": instance_id})["dropped"])
 
     def stats(self) -> dict[str, Any]:
         return self._call({"op": "stats"})["stats"]

@@ -109,6 +109,21 @@ def test_prefix_saved_then_loaded_bit_identical(server, layout, tp, mla):
     assert_scheduler_empty(engine)
 
 
+def test_a_connector_reset_drops_the_saved_prefix_so_it_is_recomputed(server):
+    setup = make_setup(server.ipc, instance_id="reset", extra={"namespace": "reset-test"})
+    engine = Engine(setup, [Worker(setup)])
+    prefix = tokens(21, PREFIX_BLOCKS * BLOCK_SIZE)
+    save_prefix(engine, prefix)
+    # New weights: vLLM resets its prefix cache and the connector's.
+    assert engine.scheduler.reset_prefix_cache(reset_connector=True)
+    engine.add(make_request("B", prefix + tokens(22, 7), max_tokens=2))
+    engine.run()
+    totals = sum_stats(engine)
+    assert totals.get("lookup_hit_blocks", 0) == 0 and totals.get("loads", 0) == 0
+    assert {"B": PREFIX_BLOCKS * BLOCK_SIZE + 7} in engine.log.scheduled  # all of it computed
+    assert_scheduler_empty(engine)
+
+
 def sum_stats(engine: Engine) -> dict[str, int]:
     totals: dict[str, int] = {}
     for payload in engine.stats:

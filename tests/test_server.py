@@ -87,6 +87,21 @@ def test_save_of_held_blocks_is_skipped_and_load_of_unknown_reports_missing(clie
     assert not partial.ok and partial.missing == (1,) and partial.error
 
 
+def test_reset_drops_the_instance_namespace_so_nothing_stale_is_served(client):
+    cache = new_instance(client)
+    register(client, cache)
+    hs = hashes(3)
+    client.save(cache.instance_id, 0, 20, [0, 1, 2], hs)
+    assert wait_completion(client, 20).ok and client.query(cache.instance_id, hs) == 3
+    assert client.reset(cache.instance_id) >= 3  # the namespace may hold other tests' blocks too
+    assert client.query(cache.instance_id, hs) == 0
+    client.load(cache.instance_id, 0, 21, [4], hs[:1])
+    assert wait_completion(client, 21).missing == (0,)
+    with pytest.raises(PegaServerError) as info:
+        client.reset("no-such-instance")
+    assert info.value.code == P.UNKNOWN_INSTANCE
+
+
 def test_register_instance_is_idempotent_and_conflicts_are_refused(client):
     cache = new_instance(client)
     spec = dict(model="tiny", kv_dtype="int8", layout="LBNHC", block_size=16, page_bytes=[cache.page] * 2)

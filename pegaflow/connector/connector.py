@@ -242,13 +242,11 @@ class PegaKVConnector(KVConnectorBase_V1):
         return PegaKVConnectorStats(data=scheduler.take_counters())
 
     def reset_cache(self) -> bool | None:
-        """Forgets the failed-load bans; the server's pool is shared with other instances of
-        the namespace and is not cleared from here, so a reset is reported as incomplete."""
+        """Drops the instance's namespace from PegaFlow's pool (and the failed-load bans);
+        False when the server could not be reached or refused."""
         if self._scheduler is None:
             return None
-        self._scheduler.reset()
-        logger.warning("PegaKVConnector.reset_cache: PegaFlow's pool is not cleared (stop the server to drop it)")
-        return False
+        return self._scheduler.reset()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:

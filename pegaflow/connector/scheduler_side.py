@@ -299,9 +299,17 @@ class ConnectorScheduler:
         counters["pinned_blocks"] = self.pinned_block_count()
         return counters
 
-    def reset(self) -> None:
-        """Forget the failed-load bans (vLLM's prefix cache reset)."""
+    def reset(self) -> bool:
+        """vLLM's prefix-cache reset (new weights): drop the namespace's blocks on the server and
+        forget the failed-load bans. False when the server could not drop them."""
         self._banned.clear()
+        try:
+            dropped = self.link.call("reset", self.settings.instance_id)
+        except (LinkUnavailable, LinkRejected) as exc:
+            logger.warning("PegaFlow cache not reset (%s): its blocks may be served again", exc)
+            return False
+        logger.info("PegaFlow cache reset: %s blocks dropped", dropped)
+        return True
 
     def is_banned(self, block_hash: bytes) -> bool:
         return bytes(block_hash) in self._banned

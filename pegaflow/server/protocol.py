@@ -271,6 +271,17 @@ class Unregister:
 
 
 @dataclass(frozen=True)
+class Reset:
+    """Drop every stored block of the instance's namespace (vLLM's prefix-cache reset)."""
+
+    id: int
+    instance_id: str
+
+    def __post_init__(self) -> None:
+        check_str("instance_id", self.instance_id)
+
+
+@dataclass(frozen=True)
 class Stats:
     id: int
 
@@ -288,7 +299,8 @@ class Health:
 
 
 Request = (
-    Hello | Heartbeat | Bye | RegisterInstance | RegisterKV | UnregisterKV | Query | Transfer | Unregister | Stats | Health
+    Hello | Heartbeat | Bye | RegisterInstance | RegisterKV | UnregisterKV | Query | Transfer | Unregister | Reset | Stats
+    | Health
 )
 
 # op -> (class, required fields, optional fields); "id" and "op" are implied.
@@ -306,6 +318,7 @@ _OPS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
     "save": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ("event",)),
     "load": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ()),
     "unregister": (Unregister, ("instance_id",), ()),
+    "reset": (Reset, ("instance_id",), ()),
     "stats": (Stats, (), ()),
     "health": (Health, (), ()),
     "bye": (Bye, (), ()),

@@ -78,7 +78,7 @@ class Service:
             P.Hello: self._hello, P.Heartbeat: self._heartbeat, P.Bye: self._bye,
             P.RegisterInstance: self._register_instance, P.RegisterKV: self._register_kv,
             P.UnregisterKV: self._unregister_kv, P.Query: self._query, P.Transfer: self._transfer,
-            P.Unregister: self._unregister, P.Stats: self._stats, P.Health: self._health,
+            P.Unregister: self._unregister, P.Reset: self._reset, P.Stats: self._stats, P.Health: self._health,
         }
 
     @property
@@ -379,6 +379,10 @@ class Service:
         del self.namespaces[req.instance_id]
         logger.info("instance %s unregistered", req.instance_id)
         return P.ok_reply(req.id)
+
+    def _reset(self, identity: bytes, session: Session, req: P.Reset, now: float) -> bytes:
+        self._instance(req.instance_id, req.id)
+        return P.ok_reply(req.id, dropped=self.engine.reset(req.instance_id))
 
     def _stats(self, identity: bytes, session: Session | None, req: P.Stats, now: float) -> bytes:
         return P.ok_reply(req.id, stats=self.stats())
