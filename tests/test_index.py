@@ -102,16 +102,6 @@ def test_eviction_takes_the_least_recently_used_first():
     assert index.counters["evictions"] == 2
 
 
-def test_a_query_without_touch_leaves_the_lru_order_to_a_later_touch():
-    index = BlockIndex(8 * S, 30.0)
-    save(index, [0, 1, 2, 3])
-    before = index.lru_keys()
-    assert index.query(NS, [h(0), h(1), h(9)], touch=False) == 2
-    assert index.lru_keys() == before
-    index.touch(NS, [h(0), h(1), h(9)], 2)
-    assert index.lru_keys() == [(NS, h(2)), (NS, h(3)), (NS, h(0)), (NS, h(1))]
-
-
 def test_a_pinned_entry_is_never_evicted():
     index = BlockIndex(2 * S, 30.0)
     save(index, [0, 1])

@@ -95,12 +95,8 @@ class BlockIndex:
 
     # -- queries ------------------------------------------------------------------------
 
-    def query(self, namespace: str, hashes: Sequence[bytes], touch: bool = True) -> int:
-        """Length of the longest prefix of READY entries; refreshes their LRU places.
-
-        ``touch=False`` leaves the LRU order for a later :meth:`touch` (the server replies
-        first: the refresh is a third of a held query's cost).
-        """
+    def query(self, namespace: str, hashes: Sequence[bytes]) -> int:
+        """Length of the longest prefix of READY entries; refreshes their LRU places."""
         with self._lock:
             if self._writing:
                 self._reclaim_expired()
@@ -111,22 +107,12 @@ class BlockIndex:
                 entry = table.get(h)
                 if entry is None or entry.state is not READY:
                     break
-                if touch and not entry.pins:
+                if not entry.pins:
                     refresh(entry.key)
                 n += 1
             self.counters["hits"] += n
             self.counters["misses"] += len(hashes) - n
             return n
-
-    def touch(self, namespace: str, hashes: Sequence[bytes], count: int) -> None:
-        """Refresh the LRU places of the first ``count`` hashes that are still READY and unpinned."""
-        with self._lock:
-            table = self._by_namespace.get(namespace, {})
-            ready = self._ready
-            for h, _ in zip(hashes, range(count)):
-                entry = table.get(h)
-                if entry is not None and entry.key in ready:
-                    ready.move_to_end(entry.key)
 
     def state_of(self, namespace: str, h: bytes) -> str | None:
         """READY, WRITING or None (for tests and diagnostics)."""

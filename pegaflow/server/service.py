@@ -312,10 +312,7 @@ class Service:
                                   f"{P.MAX_HASHES_PER_OP} hashes of {spec.hash_bytes} bytes", req.id)
         # The hashes are exact by construction (HashPrefix): ask the engine's index directly,
         # without engine.query's pass that re-checks every hash (most of the cost of a miss).
-        namespace, hashes = self.namespaces[req.instance_id], P.HashPrefix(req.hashes, spec.hash_bytes)
-        hits = self.engine.index.query(namespace, hashes, touch=False)
-        if hits:  # the LRU refresh runs after the reply is sent
-            self._deferred.append(partial(self.engine.index.touch, namespace, hashes, hits))
+        hits = self.engine.index.query(self.namespaces[req.instance_id], P.HashPrefix(req.hashes, spec.hash_bytes))
         counters = self.counters
         counters.queries += 1
         counters.hashes_queried += count
