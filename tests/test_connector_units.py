@@ -377,3 +377,14 @@ def test_saves_dropped_while_the_server_is_down_release_pins():
     assert pins.count == {4: 1, 5: 1}
     meta = step(sched, {}, {})
     assert meta.save is None and pins.count == {} and not sched.has_pending_saves()
+
+
+def test_the_connector_declares_itself_a_host_cache_without_delivery_or_sleep_mode():
+    pytest.importorskip("vllm")
+    from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+    from pegaflow.connector import PegaKVConnector
+
+    assert PegaKVConnector._cache_hit_source is CacheHitSource.HOST
+    assert PegaKVConnector.supports_sleep_mode(None) is False
+    assert PegaKVConnector.requires_kv_delivery.fget(None) is False

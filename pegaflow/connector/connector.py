@@ -91,6 +91,13 @@ class PegaKVConnector(KVConnectorBase_V1):
         # A cache, not a hand-off: a dropped save is only a future miss.
         return False
 
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        """False: the server holds the KV cache by CUDA IPC, which sleep mode's memory (cuMem)
+        cannot be shared through and which a sleep would free under it. vLLM then refuses the
+        combination at start-up instead of failing later."""
+        return False
+
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = self._kv_transfer_config
