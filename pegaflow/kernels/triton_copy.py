@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from pegaflow.kernels.regions import KVRegions, _storage_bytes_view
-from pegaflow.kernels.validate import CopyPlan, Ids, plan_copy
+from pegaflow.kernels.validate import CopyPlan, Ids, as_id_array, check_range, check_unique, plan_copy
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,9 @@ MAX_GRID_YZ = 65535
 _WORD_DTYPES = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
-@triton.jit
+# Launch indices are not specialised on: each distinct value class (1, multiples of 16) would
+# compile another variant while a staged transfer walks its chunks.
+@triton.jit(do_not_specialize=["count", "first", "row_shift"])
 def _copy_pages_kernel(
     kv_ptr,  # word pointer: the lowest region base
     buf_ptr,  # word pointer: the buffer's start
@@ -82,6 +84,7 @@ def _copy_pages_kernel(
     num_regions,
     count,
     first,  # index of this launch's first block in the id lists
+    row_shift,  # without slots, block i of the lists is row i - row_shift of the buffer
     slot_words,
     CHUNK: tl.constexpr,  # words per program
     STEP: tl.constexpr,  # words per load/store step
@@ -101,7 +104,7 @@ def _copy_pages_kernel(
         if USE_SLOTS:
             row = tl.load(table_ptr + 4 * num_regions + count + i)
         else:
-            row = i
+            row = i - row_shift
         kv_start = tl.load(table_ptr + r) + block * tl.load(table_ptr + num_regions + r) + chunk_start
         buf_start = row * slot_words + tl.load(table_ptr + 3 * num_regions + r) + chunk_start
         kv_start = tl.multiple_of(kv_start, ALIGN)
@@ -205,51 +208,121 @@ def _kv_alignment(kv: KVRegions) -> tuple[int, int]:
     return cache[0]
 
 
-def _launch(kv: KVRegions, plan: CopyPlan, buffer: torch.Tensor, to_kv: bool, tuning: Tuning) -> None:
-    if plan.count == 0:
-        return
-    buffer_address = buffer.data_ptr()
-    kv_align, page_align = _kv_alignment(kv)
+@dataclass(frozen=True)
+class _Shape:
+    """How one KV cache is copied to or from buffers of one alignment: computed once."""
 
-    # Alignment (bytes) shared by every start address and size of the launch.
-    align = math.gcd(buffer_address, plan.slot_bytes, kv_align)
+    word: int  # bytes per copied integer
+    chunk: int  # words per program
+    step: int  # words per load/store step
+    align: int  # words every start is a multiple of (the vector hint)
+    even: bool  # every page is a whole number of chunks: no mask
+    chunks_per_page: int
+    num_warps: int
+
+
+def _shape(kv: KVRegions, align: int, tuning: Tuning) -> _Shape:
+    """The launch shape for buffers whose addresses and row pitch are multiples of ``align``."""
+    kv_align, page_align = _kv_alignment(kv)
+    align = math.gcd(align, kv_align)
     word = math.gcd(8, align, page_align)
     # Chunks that divide every page need no mask; else masked chunks of the tuned size.
     even_chunk = _pow2_part(page_align, tuning.chunk_bytes)
     even = even_chunk >= min(MIN_EVEN_CHUNK_BYTES, tuning.chunk_bytes)
     chunk_bytes = even_chunk if even else tuning.chunk_bytes
     vector = _pow2_part(math.gcd(align, chunk_bytes, page_align), VECTOR_BYTES)
-    chunk, step = chunk_bytes // word, min(tuning.step_bytes, chunk_bytes) // word
+    return _Shape(word, chunk_bytes // word, min(tuning.step_bytes, chunk_bytes) // word, max(1, vector // word),
+                  even, triton.cdiv(max(kv.geometry[2]), chunk_bytes), tuning.num_warps)
 
+
+def _run_kernel(kv: KVRegions, shape: _Shape, table: torch.Tensor, count: int, first: int, launch_count: int,
+                row_shift: int, buffer: torch.Tensor, pitch: int, use_slots: bool, to_kv: bool) -> None:
+    """Programs for blocks ``[first, first + launch_count)`` of a table of ``count`` ids."""
     num_regions = len(kv.regions)
-    chunks_per_page = triton.cdiv(max(kv.geometry[2]), chunk_bytes)
     if num_regions > MAX_GRID_YZ:
         raise ValueError(f"a KV cache of {num_regions} regions exceeds the {MAX_GRID_YZ} a launch can address")
-    launch = _kv_launch(kv, word)
+    kv_words = _kv_launch(kv, shape.word).anchor_words
+    # Bytes past the buffer's last row are never addressed: validation bounded the rows.
+    buf_words = _buffer_words(buffer, shape.word)
+    for start in range(first, first + launch_count, MAX_GRID_YZ):
+        grid = (shape.chunks_per_page, num_regions, min(MAX_GRID_YZ, first + launch_count - start))
+        _copy_pages_kernel[grid](
+            kv_words, buf_words, table, num_regions, count, start, row_shift, pitch // shape.word,
+            CHUNK=shape.chunk, STEP=shape.step, ALIGN=shape.align, EVEN=shape.even, USE_SLOTS=use_slots,
+            TO_KV=to_kv, num_warps=shape.num_warps,
+        )
+
+
+def _launch(kv: KVRegions, plan: CopyPlan, buffer: torch.Tensor, to_kv: bool, tuning: Tuning) -> None:
+    if plan.count == 0:
+        return
+    # Alignment (bytes) shared by every start address and size of the launch.
+    shape = _shape(kv, math.gcd(buffer.data_ptr(), plan.slot_bytes), tuning)
+    launch = _kv_launch(kv, shape.word)
     parts = [launch.geometry, plan.block_ids] + ([plan.slot_ids] if plan.slot_ids is not None else [])
     table = _upload(np.concatenate(parts), kv.device)
+    _run_kernel(kv, shape, table, plan.count, 0, plan.count, 0, buffer, plan.slot_bytes,
+                plan.slot_ids is not None, to_kv)
 
-    # Bytes past the buffer's last row are never addressed: validation bounded the rows.
-    kv_words = launch.anchor_words
-    buf_words = _buffer_words(buffer, word)
-    for first in range(0, plan.count, MAX_GRID_YZ):
-        grid = (chunks_per_page, num_regions, min(MAX_GRID_YZ, plan.count - first))
-        _copy_pages_kernel[grid](
-            kv_words,
-            buf_words,
-            table,
-            num_regions,
-            plan.count,
-            first,
-            plan.slot_bytes // word,
-            CHUNK=chunk,
-            STEP=step,
-            ALIGN=max(1, vector // word),
-            EVEN=even,
-            USE_SLOTS=plan.slot_ids is not None,
-            TO_KV=to_kv,
-            num_warps=tuning.num_warps,
-        )
+
+# Buffers given to launch_rows start at a multiple of this (torch's CUDA allocations start at
+# 512 bytes): the shape of a BlockTable's launches can be fixed when the table is made.
+ROW_BUFFER_ALIGN = 256
+
+
+@dataclass(frozen=True, eq=False)
+class BlockTable:
+    """One transfer's block ids, checked and uploaded once, launched in ranges of rows.
+
+    For a pipeline that moves a transfer in chunks through staging buffers: each chunk is one
+    :func:`launch_rows` with no validation of ids and no table upload of its own.
+    """
+
+    kv: KVRegions
+    count: int
+    pitch: int  # bytes from one buffer row to the next (>= kv.block_bytes)
+    to_kv: bool
+    table: torch.Tensor  # int64 on the KV cache's device: geometry, then block ids
+    shape: _Shape
+
+
+def block_table(kv: KVRegions, block_ids: Ids, pitch: int, *, to_kv: bool,
+                tuning: Tuning = DEFAULT_TUNING) -> BlockTable:
+    """Check ``block_ids`` (in range; unique when writing the KV cache) and upload them.
+
+    ``pitch``: bytes between rows of the buffers to come, a multiple of 16 and at least one block.
+    """
+    if not isinstance(kv, KVRegions):
+        raise ValueError(f"kv must be KVRegions, got {type(kv).__name__}")
+    if kv.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"the KV cache is on {kv.device}: the Triton copy needs CUDA (use pegaflow.kernels.reference)")
+    if not isinstance(pitch, int) or isinstance(pitch, bool) or pitch < kv.block_bytes or pitch % 16:
+        raise ValueError(f"pitch must be a multiple of 16 of at least one block ({kv.block_bytes} bytes), "
+                         f"got {pitch!r}")
+    ids = as_id_array(block_ids, "block_ids")
+    check_range(ids, kv.num_blocks, "block_ids")
+    if to_kv:
+        check_unique(ids, "block_ids")
+    shape = _shape(kv, math.gcd(ROW_BUFFER_ALIGN, pitch), tuning)
+    table = _upload(np.concatenate([_kv_launch(kv, shape.word).geometry, ids]), kv.device)
+    return BlockTable(kv, int(ids.size), pitch, to_kv, table, shape)
+
+
+def launch_rows(table: BlockTable, first: int, count: int, buffer: torch.Tensor) -> None:
+    """Blocks ``[first, first + count)`` of ``table`` <-> rows ``0 .. count - 1`` of ``buffer``
+    (a gather into it, or a scatter from it if the table was made ``to_kv``)."""
+    if not (isinstance(first, int) and isinstance(count, int) and 0 <= first and 0 <= count
+            and first + count <= table.count):
+        raise ValueError(f"rows [{first!r}, +{count!r}) are not within the table's {table.count} blocks")
+    if not buffer.is_contiguous() or buffer.data_ptr() % ROW_BUFFER_ALIGN:
+        raise ValueError(f"buffer must be contiguous and start at a multiple of {ROW_BUFFER_ALIGN} bytes")
+    if buffer.numel() * buffer.element_size() < count * table.pitch:
+        raise ValueError(f"buffer holds {buffer.numel() * buffer.element_size()} bytes, {count} rows of "
+                         f"{table.pitch} need {count * table.pitch}")
+    _check_devices(table.kv, buffer, "buffer")
+    if count:
+        _run_kernel(table.kv, table.shape, table.table, table.count, first, count, first, buffer, table.pitch,
+                    False, table.to_kv)
 
 
 def gather(src: KVRegions, block_ids: Ids, dst: torch.Tensor, *, tuning: Tuning = DEFAULT_TUNING) -> None:

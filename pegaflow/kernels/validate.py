@@ -62,7 +62,7 @@ def as_id_array(ids: Ids, name: str) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def _check_range(ids: np.ndarray, limit: int, name: str) -> None:
+def check_range(ids: np.ndarray, limit: int, name: str) -> None:
     if ids.size == 0:
         return
     low, high = int(ids.min()), int(ids.max())
@@ -72,7 +72,7 @@ def _check_range(ids: np.ndarray, limit: int, name: str) -> None:
         raise ValueError(f"{name} holds id {high}, out of range [0, {limit})")
 
 
-def _check_unique(ids: np.ndarray, name: str) -> None:
+def check_unique(ids: np.ndarray, name: str) -> None:
     if ids.size > 1 and np.unique(ids).size != ids.size:
         raise ValueError(f"{name} holds duplicate ids: two copies would write the same place")
 
@@ -104,9 +104,9 @@ def plan_copy(
     if not isinstance(kv, KVRegions):
         raise ValueError(f"kv must be KVRegions, got {type(kv).__name__}")
     blocks = as_id_array(block_ids, "block_ids")
-    _check_range(blocks, kv.num_blocks, "block_ids")
+    check_range(blocks, kv.num_blocks, "block_ids")
     if to_kv:
-        _check_unique(blocks, "block_ids")
+        check_unique(blocks, "block_ids")
     buffer_bytes = _check_buffer(buffer, buffer_name)
     block_bytes = kv.block_bytes
 
@@ -127,7 +127,7 @@ def plan_copy(
     slots = as_id_array(slot_ids, "slot_ids")
     if slots.size != blocks.size:
         raise ValueError(f"slot_ids has {slots.size} ids, block_ids {blocks.size}")
-    _check_range(slots, buffer_bytes // slot_bytes, "slot_ids")
+    check_range(slots, buffer_bytes // slot_bytes, "slot_ids")
     if not to_kv:
-        _check_unique(slots, "slot_ids")
+        check_unique(slots, "slot_ids")
     return CopyPlan(blocks, slots, slot_bytes, buffer_bytes)

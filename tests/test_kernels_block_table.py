@@ -1,0 +1,99 @@
+"""Block tables: a transfer's ids checked and uploaded once, then launched in ranges of rows
+(the engine's staged pipeline). Bit for bit against the torch reference, with guard bytes
+around every buffer and the padding between rows checked untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pegaflow.kernels import reference, triton_copy
+from pegaflow.kernels.triton_copy import ROW_BUFFER_ALIGN, Tuning, block_table, launch_rows
+from test_kernels import LAYOUTS, TARGETS, assert_same_bytes, clone_kv, raw_bytes, random_bytes, some_ids, sync
+
+SMALL_TUNING = Tuning(chunk_bytes=128, step_bytes=32, num_warps=1)
+
+
+def aligned_buffer(nbytes: int, target) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Random bytes; a ROW_BUFFER_ALIGN-aligned window of ``nbytes`` with >= 256 guard bytes on
+    each side: (the window, the whole, the window's start in the whole)."""
+    device, kind = target
+    whole = random_bytes(nbytes + 4 * ROW_BUFFER_ALIGN, "cuda" if kind == "staging" else "cpu", pinned=kind == "pinned")
+    start = ROW_BUFFER_ALIGN + (-(whole.data_ptr() + ROW_BUFFER_ALIGN)) % ROW_BUFFER_ALIGN
+    return whole[start : start + nbytes], whole, start
+
+
+def pitch_for(block_bytes: int) -> int:
+    return -(-block_bytes // 256) * 256 + 256  # padding after every row, to see it untouched
+
+
+@pytest.mark.parametrize("tuning", [triton_copy.DEFAULT_TUNING, SMALL_TUNING], ids=["default", "small"])
+@pytest.mark.parametrize("layout", ["LBNHC", "BLHNC", "kv_first", "fp8_ds_mla"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_gather_in_ranges_matches_reference(layout: str, target, tuning: Tuning) -> None:
+    device = target[0]
+    kv = LAYOUTS[layout](device).regions
+    ids = some_ids(kv.num_blocks, 4, seed=1)
+    pitch = pitch_for(kv.block_bytes)
+    table = block_table(kv, ids, pitch, to_kv=False, tuning=tuning)
+    kv_before = raw_bytes(kv.regions[0].owner).clone()
+    for first, count in ((0, 3), (3, 1)):  # two chunks through the same two-row window
+        window, whole, start = aligned_buffer(3 * pitch, target)
+        expected_whole = whole.clone()
+        expected = expected_whole[start : start + window.numel()]
+        launch_rows(table, first, count, window)
+        reference.gather_into_slots(kv, ids[first : first + count], expected, list(range(count)), pitch)
+        sync(device)
+        assert_same_bytes(whole, expected_whole, f"rows of [{first}, +{count}) with guards and padding")
+    assert_same_bytes(raw_bytes(kv.regions[0].owner), kv_before, "KV cache after gathers")
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "BLHNC", "kv_first", "fp8_ds_mla"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_scatter_in_ranges_matches_reference(layout: str, target) -> None:
+    device = target[0]
+    kv = LAYOUTS[layout](device).regions
+    ids = some_ids(kv.num_blocks, 4, seed=2)
+    pitch = pitch_for(kv.block_bytes)
+    table = block_table(kv, ids, pitch, to_kv=True)
+    expected_kv = clone_kv(kv)
+    for first, count in ((1, 3), (0, 1)):
+        window, whole, _ = aligned_buffer(3 * pitch, target)
+        before = whole.clone()
+        launch_rows(table, first, count, window)
+        reference.scatter_from_slots(expected_kv, ids[first : first + count], window, list(range(count)), pitch)
+        sync(device)
+        assert_same_bytes(whole, before, "scatter source")
+    # Whole storages: the four targets are right and every other block is as it was.
+    assert_same_bytes(raw_bytes(kv.regions[0].owner), raw_bytes(expected_kv.regions[0].owner), "KV after scatters")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_bad_tables_and_launches_rejected_before_any_copy(target) -> None:
+    device = target[0]
+    kv = LAYOUTS["LBNHC"](device).regions
+    pitch = pitch_for(kv.block_bytes)
+    for ids, to_kv, match in (
+        ([0, kv.num_blocks], False, "out of range"),
+        ([-1], False, "negative"),
+        ([1, 1], True, "duplicate"),
+        ([0.5], False, "ints"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            block_table(kv, ids, pitch, to_kv=to_kv)
+    for bad_pitch in (kv.block_bytes - 16, kv.block_bytes + 8, True):
+        with pytest.raises(ValueError, match="pitch"):
+            block_table(kv, [0], bad_pitch, to_kv=False)
+    table = block_table(kv, [0, 1], pitch, to_kv=True)
+    window, whole, _ = aligned_buffer(2 * pitch, target)
+    kv_before = raw_bytes(kv.regions[0].owner).clone()
+    for first, count, buffer, match in (
+        (1, 2, window, "within"),
+        (-1, 1, window, "within"),
+        (0, 2, window[: pitch], "holds"),
+        (0, 1, window[16 : 16 + pitch], "start at a multiple"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            launch_rows(table, first, count, buffer)
+    sync(device)
+    assert_same_bytes(raw_bytes(kv.regions[0].owner), kv_before, "KV cache after refused launches")
