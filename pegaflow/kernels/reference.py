@@ -6,10 +6,13 @@ Same API and same validation as :mod:`pegaflow.kernels.triton_copy`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
 from pegaflow.kernels.regions import KVRegions, _storage_bytes_view
-from pegaflow.kernels.validate import CopyPlan, Ids, plan_copy
+from pegaflow.kernels.validate import CopyPlan, Ids, check_rows, plan_copy, plan_table
 
 
 def _buffer_rows(buffer: torch.Tensor, plan: CopyPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,3 +58,30 @@ def scatter_from_slots(dst: KVRegions, block_ids: Ids, src: torch.Tensor, slot_i
     """Copy ``src`` at byte ``slot_ids[i] * slot_bytes`` into block ``block_ids[i]`` of ``dst``."""
     plan = plan_copy(dst, block_ids, src, buffer_name="src", to_kv=True, slot_ids=slot_ids, slot_bytes=slot_bytes)
     _copy(dst, plan, src, to_kv=True)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockTable:
+    """One transfer's checked block ids, copied in ranges of rows (see triton_copy.BlockTable)."""
+
+    kv: KVRegions
+    count: int
+    pitch: int
+    to_kv: bool
+    ids: np.ndarray
+
+
+def block_table(kv: KVRegions, block_ids: Ids, pitch: int, *, to_kv: bool) -> BlockTable:
+    """Check ``block_ids`` (in range; unique when writing the KV cache) and the row pitch."""
+    ids = plan_table(kv, block_ids, pitch, to_kv=to_kv)
+    return BlockTable(kv, int(ids.size), pitch, to_kv, ids)
+
+
+def launch_rows(table: BlockTable, first: int, count: int, buffer: torch.Tensor) -> None:
+    """Blocks ``[first, first + count)`` of ``table`` <-> rows ``0 .. count - 1`` of ``buffer``."""
+    check_rows(table.count, table.pitch, first, count, buffer, 1)
+    ids, rows = table.ids[first : first + count], list(range(count))
+    if table.to_kv:
+        scatter_from_slots(table.kv, ids, buffer, rows, table.pitch)
+    else:
+        gather_into_slots(table.kv, ids, buffer, rows, table.pitch)

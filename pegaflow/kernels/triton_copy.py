@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from pegaflow.kernels.regions import KVRegions, _storage_bytes_view
-from pegaflow.kernels.validate import CopyPlan, Ids, as_id_array, check_range, check_unique, plan_copy
+from pegaflow.kernels.validate import CopyPlan, Ids, check_rows, plan_copy, plan_table
 
 
 @dataclass(frozen=True)
@@ -292,17 +292,9 @@ def block_table(kv: KVRegions, block_ids: Ids, pitch: int, *, to_kv: bool,
 
     ``pitch``: bytes between rows of the buffers to come, a multiple of 16 and at least one block.
     """
-    if not isinstance(kv, KVRegions):
-        raise ValueError(f"kv must be KVRegions, got {type(kv).__name__}")
+    ids = plan_table(kv, block_ids, pitch, to_kv=to_kv)
     if kv.device.type != "cuda" and not _interpreting():
         raise ValueError(f"the KV cache is on {kv.device}: the Triton copy needs CUDA (use pegaflow.kernels.reference)")
-    if not isinstance(pitch, int) or isinstance(pitch, bool) or pitch < kv.block_bytes or pitch % 16:
-        raise ValueError(f"pitch must be a multiple of 16 of at least one block ({kv.block_bytes} bytes), "
-                         f"got {pitch!r}")
-    ids = as_id_array(block_ids, "block_ids")
-    check_range(ids, kv.num_blocks, "block_ids")
-    if to_kv:
-        check_unique(ids, "block_ids")
     shape = _shape(kv, math.gcd(ROW_BUFFER_ALIGN, pitch), tuning)
     table = _upload(np.concatenate([_kv_launch(kv, shape.word).geometry, ids]), kv.device)
     return BlockTable(kv, int(ids.size), pitch, to_kv, table, shape)
@@ -311,14 +303,7 @@ def block_table(kv: KVRegions, block_ids: Ids, pitch: int, *, to_kv: bool,
 def launch_rows(table: BlockTable, first: int, count: int, buffer: torch.Tensor) -> None:
     """Blocks ``[first, first + count)`` of ``table`` <-> rows ``0 .. count - 1`` of ``buffer``
     (a gather into it, or a scatter from it if the table was made ``to_kv``)."""
-    if not (isinstance(first, int) and isinstance(count, int) and 0 <= first and 0 <= count
-            and first + count <= table.count):
-        raise ValueError(f"rows [{first!r}, +{count!r}) are not within the table's {table.count} blocks")
-    if not buffer.is_contiguous() or buffer.data_ptr() % ROW_BUFFER_ALIGN:
-        raise ValueError(f"buffer must be contiguous and start at a multiple of {ROW_BUFFER_ALIGN} bytes")
-    if buffer.numel() * buffer.element_size() < count * table.pitch:
-        raise ValueError(f"buffer holds {buffer.numel() * buffer.element_size()} bytes, {count} rows of "
-                         f"{table.pitch} need {count * table.pitch}")
+    check_rows(table.count, table.pitch, first, count, buffer, ROW_BUFFER_ALIGN)
     _check_devices(table.kv, buffer, "buffer")
     if count:
         _run_kernel(table.kv, table.shape, table.table, table.count, first, count, first, buffer, table.pitch,

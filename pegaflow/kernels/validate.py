@@ -131,3 +131,29 @@ def plan_copy(
     if not to_kv:
         check_unique(slots, "slot_ids")
     return CopyPlan(blocks, slots, slot_bytes, buffer_bytes)
+
+
+def plan_table(kv: KVRegions, block_ids: Ids, pitch: int, *, to_kv: bool) -> np.ndarray:
+    """Validate a block table's ids (in range; unique when writing the KV cache) and row pitch."""
+    if not isinstance(kv, KVRegions):
+        raise ValueError(f"kv must be KVRegions, got {type(kv).__name__}")
+    if not isinstance(pitch, int) or isinstance(pitch, bool) or pitch < kv.block_bytes or pitch % 16:
+        raise ValueError(f"pitch must be a multiple of 16 of at least one block ({kv.block_bytes} bytes), "
+                         f"got {pitch!r}")
+    ids = as_id_array(block_ids, "block_ids")
+    check_range(ids, kv.num_blocks, "block_ids")
+    if to_kv:
+        check_unique(ids, "block_ids")
+    return ids
+
+
+def check_rows(table_count: int, pitch: int, first: int, count: int, buffer: torch.Tensor, align: int) -> None:
+    """Blocks ``[first, first + count)`` of a table of ``table_count`` fit the buffer's rows."""
+    if not (isinstance(first, int) and isinstance(count, int) and 0 <= first and 0 <= count
+            and first + count <= table_count):
+        raise ValueError(f"rows [{first!r}, +{count!r}) are not within the table's {table_count} blocks")
+    nbytes = _check_buffer(buffer, "buffer")
+    if buffer.data_ptr() % align:
+        raise ValueError(f"buffer must start at a multiple of {align} bytes")
+    if nbytes < count * pitch:
+        raise ValueError(f"buffer holds {nbytes} bytes, {count} rows of {pitch} need {count * pitch}")
