@@ -201,3 +201,26 @@ def test_kv_on_a_device_the_engine_does_not_serve_is_rejected():
             engine.register_kv("vllm-0", 0, cpu.regions)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("chunk_blocks", [2, 64], ids=["launcher-thread", "inline"])
+def test_busy_caller_stream_does_not_reorder_the_id_upload(chunk_blocks):
+    """The ids a job's launches read are uploaded on the engine's own stream: a caller whose
+    current stream is busy (vLLM's compute stream, here a long sleep) cannot delay the upload
+    past the launches (which then read stale ids and copy the wrong blocks)."""
+    torch.manual_seed(11)
+    cache = make_cache("LBNHC")
+    engine = engine_for(cache, "staged", slots=32, chunk_blocks=chunk_blocks)
+    try:
+        src, dst = [7, 3, 50, 21, 9, 60], [1, 2, 40, 41, 42, 63]
+        expected = blocks(cache, src)
+        keys = hashes(len(src))
+        torch.cuda.synchronize()
+        torch.cuda._sleep(PRODUCER_SLEEP_CYCLES)  # the caller's current stream: busy for ~0.4 s
+        assert engine.save("vllm-0", 0, src, keys).wait(30).ok
+        torch.cuda._sleep(PRODUCER_SLEEP_CYCLES)
+        assert engine.load("vllm-0", 0, dst, keys).wait(30).ok
+        torch.cuda.synchronize()
+        assert same(blocks(cache, dst), expected)
+    finally:
+        engine.close()

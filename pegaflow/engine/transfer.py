@@ -282,8 +282,10 @@ class GpuLane:
         staging = path.buffers(slot)
         per_chunk = self._per_chunk(path, slot)
         # The engine checked the ids; the table checks them once more and uploads them once:
-        # each chunk below is then one launch with no per-chunk validation or upload.
-        table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=False)
+        # each chunk below is then one launch with no per-chunk validation or upload. The
+        # upload is on the SM stream, ahead of the launches that read it.
+        with torch.cuda.stream(path.sm):
+            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=False)
         if job.after_event is not None:
             path.sm.wait_event(job.after_event)
         pool = self._pool
@@ -303,7 +305,8 @@ class GpuLane:
     def _staged_load(self, path: _Path, job: CopyJob) -> None:
         slot = job.slot_bytes
         staging = path.buffers(slot)
-        table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=True)
+        with torch.cuda.stream(path.sm):  # uploaded ahead of the scatters that read it
+            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=True)
         work = chunk_runs(job.offsets, slot, self._per_chunk(path, slot))
         pool = self._pool
 

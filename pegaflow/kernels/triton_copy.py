@@ -291,6 +291,8 @@ def block_table(kv: KVRegions, block_ids: Ids, pitch: int, *, to_kv: bool,
     """Check ``block_ids`` (in range; unique when writing the KV cache) and upload them.
 
     ``pitch``: bytes between rows of the buffers to come, a multiple of 16 and at least one block.
+    The upload is enqueued on the current stream: launch the table's rows on that stream (or
+    one that waits for it), or a launch may read the ids before they have arrived.
     """
     ids = plan_table(kv, block_ids, pitch, to_kv=to_kv)
     if kv.device.type != "cuda" and not _interpreting():
