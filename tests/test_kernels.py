@@ -458,3 +458,20 @@ def test_llama_sized_pages_on_gpu(layout: str, target) -> None:
     ids = some_ids(64, 40, seed=3)
     check_all_ops(built.regions, ids, some_ids(50, 40, seed=4), target)
     check_all_ops(built.regions, ids, some_ids(50, 40, seed=4), target, Tuning(32 * 1024, 8 * 1024, 8))
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "fp8_ds_mla"])  # an even and a masked page
+@pytest.mark.parametrize("target", TARGETS)
+def test_streaming_cache_hints_copy_the_same_bytes(layout: str, target) -> None:
+    kv = LAYOUTS[layout](target[0]).regions
+    check_all_ops(kv, some_ids(kv.num_blocks, 3, seed=9), [4, 0, 2], target,
+                  Tuning(chunk_bytes=128, step_bytes=32, num_warps=1, streaming=True))
+
+
+def test_tuning_parse_and_its_errors() -> None:
+    assert Tuning.parse("16384:4096:4") == Tuning(16384, 4096, 4)
+    assert Tuning.parse("16384:4096:8:s") == Tuning(16384, 4096, 8, streaming=True)
+    assert str(Tuning.parse("8192:2048:4:s")) == "8192:2048:4:s"
+    for bad in ("16384:4096", "16384:4096:4:x", "a:b:c", "16384:3000:4", "4096:8192:4"):
+        with pytest.raises(ValueError):
+            Tuning.parse(bad)

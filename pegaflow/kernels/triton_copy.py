@@ -29,6 +29,7 @@ class Tuning:
     chunk_bytes: int
     step_bytes: int
     num_warps: int
+    streaming: bool = False  # cache hints: loads evict first, stores stream (data used once)
 
     def __post_init__(self) -> None:
         for name in ("chunk_bytes", "step_bytes", "num_warps"):
@@ -41,18 +42,25 @@ class Tuning:
             raise ValueError(f"step_bytes ({self.step_bytes}) exceeds chunk_bytes ({self.chunk_bytes})")
         if self.num_warps > 32:
             raise ValueError(f"num_warps must be <= 32, got {self.num_warps}")
+        if not isinstance(self.streaming, bool):
+            raise ValueError(f"streaming must be a bool, got {self.streaming!r}")
 
     @classmethod
     def parse(cls, text: str) -> Tuning:
-        """``"CHUNK:STEP:WARPS"`` in bytes, e.g. ``"16384:16384:4"``."""
+        """``"CHUNK:STEP:WARPS"`` in bytes, e.g. ``"16384:16384:4"``; a trailing ``:s`` adds
+        streaming cache hints."""
+        parts = text.split(":")
+        streaming = len(parts) == 4 and parts[3] == "s"
         try:
-            chunk, step, warps = (int(part) for part in text.split(":"))
+            if len(parts) - streaming != 3:
+                raise ValueError(text)
+            chunk, step, warps = (int(part) for part in parts[:3])
         except ValueError as exc:
-            raise ValueError(f"tuning must be CHUNK:STEP:WARPS, got {text!r}") from exc
-        return cls(chunk, step, warps)
+            raise ValueError(f"tuning must be CHUNK:STEP:WARPS[:s], got {text!r}") from exc
+        return cls(chunk, step, warps, streaming)
 
     def __str__(self) -> str:
-        return f"{self.chunk_bytes}:{self.step_bytes}:{self.num_warps}"
+        return f"{self.chunk_bytes}:{self.step_bytes}:{self.num_warps}" + (":s" if self.streaming else "")
 
 
 # Bytes one program copies (pages longer than this are split across programs), bytes each
@@ -92,6 +100,7 @@ def _copy_pages_kernel(
     EVEN: tl.constexpr,  # every page is a multiple of CHUNK: no mask
     USE_SLOTS: tl.constexpr,
     TO_KV: tl.constexpr,
+    STREAM: tl.constexpr,  # cache hints for data touched once
 ):
     # int64 from here on: block * stride and row * slot_words exceed 2**31 in large caches.
     c = tl.program_id(0).to(tl.int64)
@@ -112,21 +121,27 @@ def _copy_pages_kernel(
         limit = tl.multiple_of(page - chunk_start, ALIGN)
         for k in tl.static_range(0, CHUNK, STEP):
             offs = k + tl.arange(0, STEP)
+            if TO_KV:
+                src = buf_ptr + buf_start + offs
+                dst = kv_ptr + kv_start + offs
+            else:
+                src = kv_ptr + kv_start + offs
+                dst = buf_ptr + buf_start + offs
             if EVEN:
-                if TO_KV:
-                    words = tl.load(buf_ptr + buf_start + offs)
-                    tl.store(kv_ptr + kv_start + offs, words)
+                if STREAM:
+                    words = tl.load(src, eviction_policy="evict_first")
+                    tl.store(dst, words, cache_modifier=".cs")
                 else:
-                    words = tl.load(kv_ptr + kv_start + offs)
-                    tl.store(buf_ptr + buf_start + offs, words)
+                    words = tl.load(src)
+                    tl.store(dst, words)
             else:
                 mask = offs < limit
-                if TO_KV:
-                    words = tl.load(buf_ptr + buf_start + offs, mask=mask)
-                    tl.store(kv_ptr + kv_start + offs, words, mask=mask)
+                if STREAM:
+                    words = tl.load(src, mask=mask, eviction_policy="evict_first")
+                    tl.store(dst, words, mask=mask, cache_modifier=".cs")
                 else:
-                    words = tl.load(kv_ptr + kv_start + offs, mask=mask)
-                    tl.store(buf_ptr + buf_start + offs, words, mask=mask)
+                    words = tl.load(src, mask=mask)
+                    tl.store(dst, words, mask=mask)
 
 
 def _interpreting() -> bool:
@@ -219,6 +234,7 @@ class _Shape:
     even: bool  # every page is a whole number of chunks: no mask
     chunks_per_page: int
     num_warps: int
+    streaming: bool
 
 
 def _shape(kv: KVRegions, align: int, tuning: Tuning) -> _Shape:
@@ -232,7 +248,8 @@ def _shape(kv: KVRegions, align: int, tuning: Tuning) -> _Shape:
     chunk_bytes = even_chunk if even else tuning.chunk_bytes
     vector = _pow2_part(math.gcd(align, chunk_bytes, page_align), VECTOR_BYTES)
     return _Shape(word, chunk_bytes // word, min(tuning.step_bytes, chunk_bytes) // word, max(1, vector // word),
-                  even, triton.cdiv(max(kv.geometry[2]), chunk_bytes), tuning.num_warps)
+                  even, triton.cdiv(max(kv.geometry[2]), chunk_bytes), tuning.num_warps,
+                  tuning.streaming)
 
 
 def _run_kernel(kv: KVRegions, shape: _Shape, table: torch.Tensor, count: int, first: int, launch_count: int,
@@ -249,7 +266,7 @@ def _run_kernel(kv: KVRegions, shape: _Shape, table: torch.Tensor, count: int, f
         _copy_pages_kernel[grid](
             kv_words, buf_words, table, num_regions, count, start, row_shift, pitch // shape.word,
             CHUNK=shape.chunk, STEP=shape.step, ALIGN=shape.align, EVEN=shape.even, USE_SLOTS=use_slots,
-            TO_KV=to_kv, num_warps=shape.num_warps,
+            TO_KV=to_kv, STREAM=shape.streaming, num_warps=shape.num_warps,
         )
 
 
