@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGINT/SIGTERM, seconds transfers in flight get to finish before they are "
                         "reported failed")
+    parser.add_argument("--staging-size", default=None,
+                        help="GPU staging memory per device and direction (two halves: gathering chunk k+1 "
+                        "overlaps the DMA of chunk k), e.g. 128mb (default: the engine's, 128 MiB)")
     parser.add_argument("--write-timeout", type=float, default=30.0,
                         help="seconds after which a block that some ranks never finished saving is reclaimed")
     return parser
@@ -101,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.metrics_port and not args.allow_remote and not exposure.is_local(f"tcp://{args.metrics_host}:0"):
             raise ValueError(f"refusing to serve metrics on {args.metrics_host}: a non-loopback address needs "
                              "--allow-remote")
-        engine_config = EngineConfig(pool_bytes=pool_bytes, devices=devices, write_timeout_s=args.write_timeout)
+        staging = {"staging_bytes": parse_size(args.staging_size)} if args.staging_size else {}
+        engine_config = EngineConfig(pool_bytes=pool_bytes, devices=devices, write_timeout_s=args.write_timeout,
+                                     **staging)
     except ValueError as exc:
         raise SystemExit(f"pegaflow.server: {exc}") from None
     if cpu_reason:
