@@ -204,7 +204,6 @@ def engine_index_rows(count: int, results: dict) -> list[Row]:
     """
     from pegaflow.engine import Engine, EngineConfig, InstanceSpec
     from pegaflow.kernels import KVRegions, Region
-    from pegaflow.server.protocol import HashPrefix
 
     engine = Engine(EngineConfig(pool_bytes=64 << 20))
     spec = InstanceSpec("local", "bench", "int8", "LBNHC", 16, (4096,))
@@ -214,8 +213,8 @@ def engine_index_rows(count: int, results: dict) -> list[Row]:
     held = [os.urandom(32) for _ in range(QUERY_HASHES)]
     engine.save("local", 0, list(range(QUERY_HASHES)), held).wait(60)
     blob = b"".join(held)
-    assert engine.index.query(namespace, HashPrefix(blob, 32)) == QUERY_HASHES
-    times = timed(lambda: engine.index.query(namespace, HashPrefix(blob, 32)), count)
+    assert engine.index.query_blob(namespace, blob, 32) == QUERY_HASHES
+    times = timed(lambda: engine.index.query_blob(namespace, blob, 32), count)
     engine.close()
     p50, p99 = percentile(times, 0.5), percentile(times, 0.99)
     ipc = results["ipc"]["query-hit"]

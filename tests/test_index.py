@@ -1,12 +1,18 @@
-"""Block index scenarios: prefix queries, TP completeness, pins, LRU, full pool, write timeouts."""
+"""Block index scenarios: prefix queries, TP completeness, pins, LRU, full pool, write timeouts;
+the wire form of hashes; and the whole index against an eager model (hypothesis)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from pegaflow.engine.index import READY, WRITING, BlockIndex
+import pegaflow.engine.index as index_module
+from pegaflow.engine.index import READY, SPLIT_CHUNK, WRITING, BlockIndex, split_hashes
 
 S = 1024  # slot bytes
 NS = "model@0000"
@@ -217,3 +223,348 @@ def test_drop_namespace_frees_ready_slots_now_and_in_flight_ones_when_their_copy
     assert index.allocator.used_bytes == 2 * S  # other@ns's block and the slot being written
     index.complete_save(writing, True)
     assert index.allocator.used_bytes == S and index.query(NS, [h(2)]) == 0
+
+
+# -- the wire form: hashes back to back ---------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [0, 1, 17, 1000, SPLIT_CHUNK, SPLIT_CHUNK + 1, 3 * SPLIT_CHUNK + 5])
+def test_split_hashes_is_exact(count):
+    hashes = [os.urandom(20) for _ in range(count)]
+    assert split_hashes(b"".join(hashes), 20) == tuple(hashes)
+
+
+@pytest.mark.parametrize("size", [0, -32, 32])
+def test_split_hashes_refuses_a_partial_hash(size):
+    with pytest.raises(ValueError, match="33 bytes"):
+        split_hashes(b"x" * 33, size)
+
+
+@pytest.mark.parametrize("count", [1, 5, SPLIT_CHUNK + 3])
+def test_query_blob_is_the_longest_ready_prefix(count):
+    index = BlockIndex((2 * SPLIT_CHUNK + 8) * S, 30.0)
+    save(index, range(count))
+    hashes = [h(i) for i in range(count)]
+    for held in (count, count - 1, 1, 0):  # every hash a hit; a miss last, second, first
+        query = hashes[:held] + [h(-1)] + hashes[held + 1:]
+        assert index.query_blob(NS, b"".join(query), 32) == min(held, count)
+        assert index.query(NS, query) == min(held, count)
+    assert index.query_blob(NS, b"", 32) == 0 and index.query_blob("other@ns", b"".join(hashes), 32) == 0
+    with pytest.raises(ValueError, match="whole number"):
+        index.query_blob(NS, b"".join(hashes)[:-1], 32)
+
+
+def test_a_query_hit_on_a_pinned_entry_does_not_move_it_after_its_unpin():
+    # 0 is pinned when queried: the logged touch is a no-op, so its unpin alone places it.
+    index = BlockIndex(8 * S, 30.0)
+    save(index, [0, 1, 2])
+    load = index.prepare_load(NS, [h(0)], 0)
+    assert index.query(NS, [h(0), h(1)]) == 2  # LRU (without 0): 2, 1
+    index.unpin(load)  # 0 is the most recent: 2, 1, 0
+    save(index, [3])  # 3 after it
+    assert index.lru_keys() == [(NS, h(2)), (NS, h(1)), (NS, h(0)), (NS, h(3))]
+
+
+def test_a_query_between_a_saves_prepare_and_complete_refreshes_before_the_new_entries():
+    index = BlockIndex(8 * S, 30.0)
+    save(index, [0, 1])
+    plan = index.prepare_save(NS, [h(2)], 0, 1, S)
+    assert index.query(NS, [h(0)]) == 1  # LRU: 1, 0
+    index.complete_save(plan, True)  # 2 becomes READY after that hit: 1, 0, 2
+    assert index.lru_keys() == [(NS, h(1)), (NS, h(0)), (NS, h(2))]
+
+
+def test_the_touch_log_is_bounded(monkeypatch):
+    monkeypatch.setattr(index_module, "TOUCH_LOG_LIMIT", 4)
+    index = BlockIndex(8 * S, 30.0)
+    save(index, [0, 1, 2])
+    for _ in range(3):
+        index.query(NS, [h(0)])
+    assert len(index._touches) == 3
+    index.query(NS, [h(1), h(0)])
+    assert index._touches == []  # applied at once: 2, 1, 0
+    assert index.lru_keys() == [(NS, h(2)), (NS, h(1)), (NS, h(0))]
+
+
+# -- the index against an eager model (LRU refreshed at once, one slot size) --------------
+
+
+class _ModelEntry:
+    def __init__(self, key: tuple[str, bytes], ranks: int, created: float, rank: int) -> None:
+        self.key, self.ranks, self.created = key, ranks, created
+        self.written: set[int] = set()
+        self.in_flight = {rank}
+        self.pins, self.dead, self.held = 0, False, True
+
+    @property
+    def ready(self) -> bool:
+        return len(self.written) == self.ranks
+
+
+class _Model:
+    """The index's rules, written plainly: the LRU order is a list refreshed on every hit."""
+
+    def __init__(self, capacity: int, timeout: float) -> None:
+        self.free, self.timeout = capacity, timeout
+        self.entries: dict[tuple[str, bytes], _ModelEntry] = {}
+        self.lru: list[tuple[str, bytes]] = []
+        self.writing: list[_ModelEntry] = []
+        self.counters = dict.fromkeys(("hits", "misses", "evictions", "write_timeouts", "no_room", "dropped"), 0)
+
+    def _release(self, e: _ModelEntry) -> None:
+        if e.dead and e.held and not e.pins and not e.in_flight:
+            self.free += e.ranks
+            e.held = False
+
+    def _drop(self, e: _ModelEntry) -> None:
+        e.dead = True
+        del self.entries[e.key]
+        if e in self.writing:
+            self.writing.remove(e)
+        if e.key in self.lru:
+            self.lru.remove(e.key)
+
+    def _reclaim(self, now: float) -> None:
+        for e in list(self.writing):
+            if e.created <= now - self.timeout:
+                self.counters["write_timeouts"] += 1
+                self._drop(e)
+                self._release(e)
+
+    def _touch(self, e: _ModelEntry) -> None:
+        if not e.pins:
+            self.lru.remove(e.key)
+            self.lru.append(e.key)
+
+    def query(self, ns: str, hashes: list[bytes], now: float) -> int:
+        if self.writing:
+            self._reclaim(now)
+        n = 0
+        for hh in hashes:
+            e = self.entries.get((ns, hh))
+            if e is None or not e.ready:
+                break
+            self._touch(e)
+            n += 1
+        self.counters["hits"] += n
+        self.counters["misses"] += len(hashes) - n
+        return n
+
+    def _reserve(self, count: int) -> bool:
+        evicted: list[_ModelEntry] = []
+        while self.free < count:
+            shortfall = max(count - self.free, 1)
+            batch = []
+            while self.lru and shortfall > 0:
+                e = self.entries.pop(self.lru.pop(0))
+                batch.append(e)
+                shortfall -= e.ranks
+            if not batch:
+                self.free -= sum(e.ranks for e in evicted)
+                for e in reversed(evicted):
+                    self.entries[e.key] = e
+                    self.lru.insert(0, e.key)
+                return False
+            self.free += sum(e.ranks for e in batch)
+            evicted += batch
+        self.free -= count
+        for e in evicted:
+            e.dead, e.held = True, False
+        self.counters["evictions"] += len(evicted)
+        return True
+
+    def prepare_save(self, ns: str, hashes: list[bytes], rank: int, ranks: int, now: float):
+        self._reclaim(now)
+        writes, skipped, fresh, seen = [], [], [], set()
+        for i, hh in enumerate(hashes):
+            if hh in seen:
+                skipped.append(i)
+                continue
+            seen.add(hh)
+            e = self.entries.get((ns, hh))
+            if e is None:
+                fresh.append((i, hh))
+            elif e.ready:
+                self._touch(e)
+                skipped.append(i)
+            elif rank in e.written or rank in e.in_flight:
+                skipped.append(i)
+            else:
+                e.in_flight.add(rank)
+                writes.append((i, e))
+        if fresh:
+            placed = fresh if self._reserve(len(fresh) * ranks) else []
+            if not placed:
+                for pair in fresh:
+                    if not self._reserve(ranks):
+                        break
+                    placed.append(pair)
+            for i, hh in placed:
+                e = _ModelEntry((ns, hh), ranks, now, rank)
+                self.entries[e.key] = e
+                self.writing.append(e)
+                writes.append((i, e))
+            skipped += [i for i, _ in fresh[len(placed):]]
+            self.counters["no_room"] += len(fresh) - len(placed)
+        return sorted(writes, key=lambda w: w[0]), sorted(skipped), rank
+
+    def complete_save(self, plan, ok: bool) -> None:
+        writes, _, rank = plan
+        for _, e in writes:
+            e.in_flight.discard(rank)
+            if e.dead:
+                self._release(e)
+            elif not ok:
+                self._drop(e)
+                self._release(e)
+            else:
+                e.written.add(rank)
+                if e.ready:
+                    self.writing.remove(e)
+                    self.lru.append(e.key)
+
+    def prepare_load(self, ns: str, hashes: list[bytes]):
+        reads, missing = [], []
+        for i, hh in enumerate(hashes):
+            e = self.entries.get((ns, hh))
+            if e is None or not e.ready:
+                missing.append(i)
+                continue
+            if not e.pins:
+                self.lru.remove(e.key)
+            e.pins += 1
+            reads.append((i, e))
+        return reads, missing
+
+    def unpin(self, reads) -> None:
+        for _, e in reads:
+            e.pins -= 1
+            if not e.pins:
+                if e.dead:
+                    self._release(e)
+                else:
+                    self.lru.append(e.key)
+
+    def forget(self, reads) -> None:
+        for _, e in reads:
+            if not e.dead:
+                self._drop(e)
+            self._release(e)
+
+    def drop_namespace(self, ns: str) -> int:
+        entries = [e for key, e in self.entries.items() if key[0] == ns]
+        for e in entries:
+            self._drop(e)
+            self._release(e)
+        self.counters["dropped"] += len(entries)
+        return len(entries)
+
+
+_UNIVERSE = 5
+_CAPACITY = 8  # slots: room for a few entries, so saves evict
+_NAMESPACES = {"a@1": 1, "b@2": 2}  # namespace -> stored ranks (slots per entry)
+_hash_lists = st.lists(st.integers(0, _UNIVERSE - 1), min_size=1, max_size=6)
+
+
+class IndexAgainstEagerModel(RuleBasedStateMachine):
+    """Random interleavings of query/save/complete/load/unpin/forget/drop/time: the index's
+    results, states, pool use, counters and LRU order are the model's after every step, so
+    the deferred LRU touches are never visible."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.index = BlockIndex(_CAPACITY * S, 5.0, clock=self.clock)
+        self.model = _Model(_CAPACITY, 5.0)
+        self.saves: list[tuple] = []
+        self.loads: list[tuple] = []
+        self.old_limit = index_module.TOUCH_LOG_LIMIT
+
+    @initialize(limit=st.sampled_from([1, 3, 1 << 16]))
+    def touch_log_limit(self, limit):
+        index_module.TOUCH_LOG_LIMIT = limit
+
+    def teardown(self) -> None:
+        index_module.TOUCH_LOG_LIMIT = self.old_limit
+
+    @rule(ns=st.sampled_from(sorted(_NAMESPACES)), data=st.data(), blob=st.booleans())
+    def query(self, ns, data, blob):
+        # Mostly held hashes first (hits are what move LRU places), then any.
+        held = [i for i in range(_UNIVERSE) if (e := self.model.entries.get((ns, h(i)))) is not None and e.ready]
+        ids = data.draw(st.lists(st.sampled_from(held), max_size=4)) if held else []
+        ids += data.draw(st.lists(st.integers(0, _UNIVERSE - 1), max_size=2))
+        hashes = [h(i) for i in ids]
+        got = self.index.query_blob(ns, b"".join(hashes), 32) if blob else self.index.query(ns, hashes)
+        assert got == self.model.query(ns, hashes, self.clock.now)
+
+    @rule(ns=st.sampled_from(sorted(_NAMESPACES)), ids=_hash_lists, data=st.data())
+    def save(self, ns, ids, data):
+        ranks = _NAMESPACES[ns]
+        rank = data.draw(st.integers(0, ranks - 1))
+        hashes = [h(i) for i in ids]
+        plan = self.index.prepare_save(ns, hashes, rank, ranks, S)
+        expected = self.model.prepare_save(ns, hashes, rank, ranks, self.clock.now)
+        assert plan.positions() == [i for i, _ in expected[0]]
+        assert list(plan.skipped) == expected[1]
+        assert len(plan.offsets()) == len(plan.writes) == len(set(plan.offsets()))
+        self.saves.append((plan, expected))
+
+    @precondition(lambda self: self.saves)
+    @rule(data=st.data(), ok=st.sampled_from([True, True, True, False]))
+    def complete_save(self, data, ok):
+        plan, expected = self.saves.pop(data.draw(st.integers(0, len(self.saves) - 1)))
+        self.index.complete_save(plan, ok)
+        self.model.complete_save(expected, ok)
+
+    @rule(ns=st.sampled_from(sorted(_NAMESPACES)), ids=_hash_lists)
+    def save_on_every_rank(self, ns, ids):
+        """Saves that complete at once (what makes most entries READY)."""
+        hashes = [h(i) for i in ids]
+        for rank in range(_NAMESPACES[ns]):
+            plan = self.index.prepare_save(ns, hashes, rank, _NAMESPACES[ns], S)
+            expected = self.model.prepare_save(ns, hashes, rank, _NAMESPACES[ns], self.clock.now)
+            assert plan.positions() == [i for i, _ in expected[0]] and list(plan.skipped) == expected[1]
+            self.index.complete_save(plan, True)
+            self.model.complete_save(expected, True)
+
+    @rule(ns=st.sampled_from(sorted(_NAMESPACES)), ids=_hash_lists)
+    def load(self, ns, ids):
+        hashes = [h(i) for i in ids]
+        plan = self.index.prepare_load(ns, hashes, 0)
+        reads, missing = self.model.prepare_load(ns, hashes)
+        assert plan.positions() == [i for i, _ in reads] and list(plan.missing) == missing
+        self.loads.append((plan, reads))
+
+    @precondition(lambda self: self.loads)
+    @rule(data=st.data(), failed=st.booleans())
+    def finish_load(self, data, failed):
+        plan, reads = self.loads.pop(data.draw(st.integers(0, len(self.loads) - 1)))
+        if failed:  # the engine forgets a failed load's entries, then unpins them
+            self.index.forget(plan)
+            self.model.forget(reads)
+        self.index.unpin(plan)
+        self.model.unpin(reads)
+
+    @rule(ns=st.sampled_from(sorted(_NAMESPACES)))
+    def drop_namespace(self, ns):
+        assert self.index.drop_namespace(ns) == self.model.drop_namespace(ns)
+
+    @rule(seconds=st.sampled_from([1.0, 3.0, 6.0]))
+    def time_passes(self, seconds):
+        self.clock.now += seconds
+
+    @invariant()
+    def same_contents(self):
+        index, model = self.index, self.model
+        assert index.lru_keys() == model.lru  # with the touches still logged: lru_keys applies none
+        assert index.allocator.used_bytes == (_CAPACITY - model.free) * S
+        assert len(index) == len(model.entries)
+        assert index.counters == model.counters
+        for ns in _NAMESPACES:
+            for i in range(_UNIVERSE):
+                e = model.entries.get((ns, h(i)))
+                assert index.state_of(ns, h(i)) == (None if e is None else READY if e.ready else WRITING)
+
+
+IndexAgainstEagerModel.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+test_index_against_eager_model = IndexAgainstEagerModel.TestCase

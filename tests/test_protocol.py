@@ -104,24 +104,3 @@ def test_replies_are_msgpack_maps_echoing_the_id():
     assert msgpack.unpackb(P.ok_reply(5, hits=3)) == {"id": 5, "ok": True, "hits": 3}
     assert msgpack.unpackb(P.error_reply(None, P.BAD_MESSAGE, "m")) == {
         "id": None, "ok": False, "code": P.BAD_MESSAGE, "message": "m"}
-
-
-def test_split_hashes_is_exact():
-    hashes = [os.urandom(32) for _ in range(5)]
-    assert P.split_hashes(b"".join(hashes), 32) == tuple(hashes)
-    assert P.split_hashes(b"", 32) == ()
-    with pytest.raises(ValueError):
-        P.split_hashes(b"x" * 33, 32)
-
-
-@pytest.mark.parametrize("count", [0, 1, 15, 16, 17, 80, 81, 1000, 2000])
-def test_hash_prefix_reads_every_hash_in_order(count):
-    hashes = [os.urandom(32) for _ in range(count)]
-    view = P.HashPrefix(b"".join(hashes), 32)
-    assert len(view) == count and list(view) == hashes
-    if count:
-        assert view[-1] == hashes[-1] and view[0] == hashes[0] and view[1:3] == hashes[1:3]
-    with pytest.raises(IndexError):
-        view[count]
-    with pytest.raises(ValueError):
-        P.HashPrefix(b"x" * 33, 32)

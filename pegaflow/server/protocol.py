@@ -8,15 +8,13 @@ when it could be read, the request id) before anything acts on it. The server an
 Hashes travel as ONE msgpack ``bin``: the instance's hashes back to back, each exactly
 ``hash_bytes`` long (fixed per instance at registration), with ``hash_bytes`` beside them.
 The length checks are then O(1), and the server splits the blob in C
-(:func:`split_hashes`; :class:`HashPrefix` for queries, which stop at their first miss). For 1,000 hashes on the (loaded, 2-core) dev machine: ~30 us, against
-~110 us for a msgpack array of bins plus a check of each length, ~190 us for Python slicing.
+(:func:`pegaflow.engine.index.split_hashes`; a query looks the pieces up as it splits them).
+For 1,000 hashes on the (loaded, 2-core) dev machine: ~20 us, against ~110 us for a msgpack
+array of bins plus a check of each length, ~190 us for Python slicing.
 """
 
 from __future__ import annotations
 
-import functools
-import struct
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -402,57 +400,3 @@ def ok_reply(request_id: int, **fields: Any) -> bytes:
 
 def error_reply(request_id: int | None, code: str, message: str) -> bytes:
     return _packer.pack({"id": request_id, "ok": False, "code": code, "message": message})
-
-
-def split_hashes(blob: bytes, size: int) -> tuple[bytes, ...]:
-    """The hashes of one ``bin``, ``size`` bytes each: one C call (struct), not a Python loop.
-
-    Each piece is exactly ``size`` bytes by construction, so no per-hash check is needed.
-    """
-    count, rest = divmod(len(blob), size)
-    if size <= 0 or rest:
-        raise ValueError(f"{len(blob)} bytes of hashes are not a whole number of {size}-byte hashes")
-    return _splitter(size, count).unpack(blob)
-
-
-@functools.lru_cache(maxsize=256)
-def _splitter(size: int, count: int) -> struct.Struct:
-    return struct.Struct(f"{size}s" * count)
-
-
-class HashPrefix(Sequence[bytes]):
-    """The hashes of one ``bin`` for a query, split as they are read, in growing chunks.
-
-    A query stops at its first miss: splitting in chunks of 16, 64, 256, 1024 hashes costs a
-    query that misses at once ~3 us instead of ~20 us for 1,000 hashes, and one that hits
-    them all ~8 % more than :func:`split_hashes` (dev machine).
-    """
-
-    __slots__ = ("_blob", "_size", "_count")
-
-    def __init__(self, blob: bytes, size: int) -> None:
-        count, rest = divmod(len(blob), size)
-        if size <= 0 or rest:
-            raise ValueError(f"{len(blob)} bytes of hashes are not a whole number of {size}-byte hashes")
-        self._blob, self._size, self._count = blob, size, count
-
-    def __len__(self) -> int:
-        return self._count
-
-    def __getitem__(self, index):  # type: ignore[override]
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self._count))]
-        if index < 0:
-            index += self._count
-        if not 0 <= index < self._count:
-            raise IndexError(index)
-        return self._blob[index * self._size:(index + 1) * self._size]
-
-    def __iter__(self) -> Iterator[bytes]:
-        blob, size, count = self._blob, self._size, self._count
-        start, chunk = 0, 16
-        while start < count:
-            n = min(chunk, count - start)
-            yield from _splitter(size, n).unpack_from(blob, start * size)
-            start += n
-            chunk = min(chunk * 4, 1024)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from pegaflow.engine.index import split_hashes
 from pegaflow.server import exposure
 from pegaflow.server import protocol as P
 from pegaflow.server.sessions import MAX_EVENTS_PER_SESSION, Job, Registration, Session
@@ -310,9 +311,9 @@ class Service:
         if rest or count > P.MAX_HASHES_PER_OP:
             raise P.ProtocolError(P.BAD_HASH, f"{len(req.hashes)} bytes of hashes are not at most "
                                   f"{P.MAX_HASHES_PER_OP} hashes of {spec.hash_bytes} bytes", req.id)
-        # The hashes are exact by construction (HashPrefix): ask the engine's index directly,
-        # without engine.query's pass that re-checks every hash (most of the cost of a miss).
-        hits = self.engine.index.query(self.namespaces[req.instance_id], P.HashPrefix(req.hashes, spec.hash_bytes))
+        # The blob is a whole number of hashes (checked above): ask the engine's index directly,
+        # which splits and looks them up in C, without engine.query's pass over every hash.
+        hits = self.engine.index.query_blob(self.namespaces[req.instance_id], req.hashes, spec.hash_bytes)
         counters = self.counters
         counters.queries += 1
         counters.hashes_queried += count
@@ -352,7 +353,7 @@ class Service:
             self._deferred.popleft()()
 
     def _start(self, identity: bytes, req: P.Transfer, hash_bytes: int, event: Any) -> None:
-        hashes = P.split_hashes(req.hashes, hash_bytes)
+        hashes = split_hashes(req.hashes, hash_bytes)
         try:
             if req.op == "save":
                 handle = self.engine.save(req.instance_id, req.rank, req.block_ids, hashes, after_event=event)
