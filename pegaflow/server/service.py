@@ -313,7 +313,10 @@ class Service:
                                   f"{P.MAX_HASHES_PER_OP} hashes of {spec.hash_bytes} bytes", req.id)
         # The blob is a whole number of hashes (checked above): ask the engine's index directly,
         # which splits and looks them up in C, without engine.query's pass over every hash.
-        hits = self.engine.index.query_blob(self.namespaces[req.instance_id], req.hashes, spec.hash_bytes)
+        index = self.engine.index
+        hits = index.query_blob(self.namespaces[req.instance_id], req.hashes, spec.hash_bytes)
+        if hits:  # the hits' LRU refresh, once the reply is out (the loop runs _deferred after sending)
+            self._deferred.append(index.apply_touches)
         counters = self.counters
         counters.queries += 1
         counters.hashes_queried += count
