@@ -54,7 +54,7 @@ from pegaflow.kernels.triton_copy import DEFAULT_TUNING, Tuning  # noqa: E402
 GIB = 1 << 30
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-DEFAULT_TUNINGS = "16384:4096:4,16384:16384:4,8192:4096:4,32768:4096:4,16384:4096:8,16384:2048:4"
+DEFAULT_TUNINGS = "16384:4096:4,16384:2048:8,16384:4096:16,16384:4096:8:s"
 
 
 @dataclass(frozen=True)
@@ -520,7 +520,8 @@ def tuning_label(tuning: Tuning, what: str) -> str:
     def size(n: int) -> str:
         return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
-    return f"tune {size(tuning.chunk_bytes)}:{size(tuning.step_bytes)}:{tuning.num_warps}w {what}"
+    hints = ":s" if tuning.streaming else ""
+    return f"tune {size(tuning.chunk_bytes)}:{size(tuning.step_bytes)}:{tuning.num_warps}w{hints} {what}"
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ Triton copier by the torch reference. The real thing runs in tests/test_engine_g
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import threading
 
 import pytest
@@ -28,6 +29,8 @@ class FakeEvent:
 
 
 class FakeStream:
+    cuda_stream = 0
+
     def __init__(self, *args, **kwargs) -> None:
         self.waited: list[object] = []
 
@@ -52,6 +55,7 @@ def fake_cuda(monkeypatch):
 def make_lane(pool: torch.Tensor, staging_bytes: int, zero_copy: bool) -> GpuLane:
     lane = GpuLane(0, pool, staging_bytes, zero_copy)
     lane._copier = reference
+    lane._dma = lambda dst, src, nbytes, stream: ctypes.memmove(dst, src, nbytes)  # host memory: a plain copy
     for path in lane._paths.values():
         path.device = torch.device("cpu")
     return lane
@@ -114,6 +118,8 @@ def test_a_failing_launch_reports_the_error(fake_cuda):
     lane = make_lane(pool, 4 * slot, False)
     try:
         ok, error = run(lane, SAVE, cache.regions, [0], [4 * slot], slot)  # past the pool's end
-        assert not ok and error
+        assert not ok and "outside the pool" in error
+        ok, error = run(lane, LOAD, cache.regions, [0], [3 * slot + 16], slot)  # straddles the end
+        assert not ok and "outside the pool" in error
     finally:
         lane.close()

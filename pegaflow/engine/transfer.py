@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pegaflow.engine import dma
 from pegaflow.engine.handle import TransferHandle
 from pegaflow.kernels import KVRegions, copier_for
 
@@ -72,6 +73,14 @@ def runs(offsets: list[int], slot_bytes: int, max_count: int) -> list[tuple[int,
     n = len(offsets)
     if n == 0:
         return []
+    if n <= 32:  # numpy's per-call cost exceeds the loop's below this
+        out: list[tuple[int, int, int]] = []
+        start = 0
+        for j in range(1, n + 1):
+            if j == n or offsets[j] != offsets[j - 1] + slot_bytes or j % max_count == 0:
+                out.append((start, offsets[start], j - start))
+                start = j
+        return out
     at = np.asarray(offsets, dtype=np.int64)
     cut = np.diff(at) != slot_bytes
     cut |= (np.arange(1, n) % max_count) == 0
@@ -204,6 +213,7 @@ class GpuLane:
         self._pool = pool
         self._zero_copy = zero_copy
         self._copier = copier_for(self.device)
+        self._dma = dma.copy_async  # (dst address, src address, bytes, stream handle)
         with torch.cuda.device(self.device):
             self._paths = {d: _Path(d, self.device, staging_bytes) for d in (SAVE, LOAD)}
 
@@ -277,63 +287,70 @@ class GpuLane:
     def _per_chunk(self, path: _Path, slot_bytes: int) -> int:
         return max(1, path.half // slot_bytes)
 
+    def _check_slots(self, job: CopyJob) -> None:
+        """The DMAs take raw addresses: every slot must lie inside the pool."""
+        if job.offsets and (min(job.offsets) < 0 or max(job.offsets) + job.slot_bytes > self._pool.numel()):
+            raise ValueError(f"slot offsets {min(job.offsets)}..{max(job.offsets)} (+{job.slot_bytes}) fall "
+                             f"outside the pool's {self._pool.numel()} bytes")
+
     def _staged_save(self, path: _Path, job: CopyJob) -> None:
+        self._check_slots(job)
         slot = job.slot_bytes
         staging = path.buffers(slot)
         per_chunk = self._per_chunk(path, slot)
-        # The engine checked the ids; the table checks them once more and uploads them once:
-        # each chunk below is then one launch with no per-chunk validation or upload. The
-        # upload is on the SM stream, ahead of the launches that read it.
+        rows = [t.data_ptr() for t in staging]
+        pool, stream = self._pool.data_ptr(), path.dma.cuda_stream
+        # One current-stream switch per job: the table upload and the launches run on the SM
+        # stream; the DMAs name their stream. The engine checked the ids; the table checks
+        # them once more and uploads them once, so each chunk is one launch with no
+        # validation or upload of its own.
         with torch.cuda.stream(path.sm):
             table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=False)
-        if job.after_event is not None:
-            path.sm.wait_event(job.after_event)
-        pool = self._pool
-        for k, (first, count, parts) in enumerate(chunk_runs(job.offsets, slot, per_chunk)):
-            b = k % 2
-            path.sm.wait_event(path.free[b])
-            with torch.cuda.stream(path.sm), _KERNEL_LOCK:
-                self._copier.launch_rows(table, first, count, staging[b])
-            path.ready[b].record(path.sm)
-            path.dma.wait_event(path.ready[b])
-            with torch.cuda.stream(path.dma):
+            if job.after_event is not None:
+                path.sm.wait_event(job.after_event)
+            for k, (first, count, parts) in enumerate(chunk_runs(job.offsets, slot, per_chunk)):
+                b = k % 2
+                path.sm.wait_event(path.free[b])
+                with _KERNEL_LOCK:
+                    self._copier.launch_rows(table, first, count, staging[b])
+                path.ready[b].record(path.sm)
+                path.dma.wait_event(path.ready[b])
                 for p in parts:
-                    row, n = (p.first - first) * slot, p.count * slot
-                    pool[p.offset : p.offset + n].copy_(staging[b][row : row + n], non_blocking=True)
-            path.free[b].record(path.dma)
+                    self._dma(pool + p.offset, rows[b] + (p.first - first) * slot, p.count * slot, stream)
+                path.free[b].record(path.dma)
 
     def _staged_load(self, path: _Path, job: CopyJob) -> None:
+        self._check_slots(job)
         slot = job.slot_bytes
         staging = path.buffers(slot)
-        with torch.cuda.stream(path.sm):  # uploaded ahead of the scatters that read it
-            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=True)
         work = chunk_runs(job.offsets, slot, self._per_chunk(path, slot))
-        pool = self._pool
+        rows = [t.data_ptr() for t in staging]
+        pool, stream = self._pool.data_ptr(), path.dma.cuda_stream
 
-        def dma(k: int) -> None:
+        def copy(k: int) -> None:
             b, (first, _, parts) = k % 2, work[k]
             path.dma.wait_event(path.free[b])
-            with torch.cuda.stream(path.dma):
-                for p in parts:
-                    row, n = (p.first - first) * slot, p.count * slot
-                    staging[b][row : row + n].copy_(pool[p.offset : p.offset + n], non_blocking=True)
+            for p in parts:
+                self._dma(rows[b] + (p.first - first) * slot, pool + p.offset, p.count * slot, stream)
             path.ready[b].record(path.dma)
 
         def scatter(k: int) -> None:
             b, (first, count, _) = k % 2, work[k]
             path.sm.wait_event(path.ready[b])
-            with torch.cuda.stream(path.sm), _KERNEL_LOCK:
+            with _KERNEL_LOCK:
                 self._copier.launch_rows(table, first, count, staging[b])
             path.free[b].record(path.sm)
 
-        # DMA k+1 is enqueued before scatter k, so the copy engine always has the next chunk
-        # queued even if enqueueing a scatter blocks this thread.
-        for k in range(len(work)):
-            dma(k)
-            if k:
-                scatter(k - 1)
-        if work:
-            scatter(len(work) - 1)
+        with torch.cuda.stream(path.sm):  # the upload and the scatters: SM stream
+            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=True)
+            # DMA k+1 is enqueued before scatter k, so the copy engine always has the next
+            # chunk queued even if enqueueing a scatter blocks this thread.
+            for k in range(len(work)):
+                copy(k)
+                if k:
+                    scatter(k - 1)
+            if work:
+                scatter(len(work) - 1)
 
     def _zero_copy_job(self, path: _Path, job: CopyJob) -> None:
         slot = job.slot_bytes

@@ -65,10 +65,11 @@ class Tuning:
 
 # Bytes one program copies (pages longer than this are split across programs), bytes each
 # load/store step moves (a step's loads are all in flight before its stores), and warps per
-# program. Chosen on an NVIDIA H200, 2026-11-27, bench/gather_scatter.py over 7 configs:
-# 16384:4096:4 had the best geometric mean for gather/d2d (0.934) and scatter/d2d (0.879)
-# of five shapes (16384:16384:4 gave 0.898 / 0.850); zero-copy rates were equal (±0.3 %).
-DEFAULT_TUNING = Tuning(chunk_bytes=16 * 1024, step_bytes=4 * 1024, num_warps=4)
+# program. Chosen on an NVIDIA H200, bench/gather_scatter.py over 7 configs: 16384:4096:4 had
+# the best geometric mean of five shapes in session 1 (gather/d2d 0.934); in session 2 (two
+# runs, 2026-11-27) 8 warps beat it in every config by ~1 % (geometric mean 0.949 vs 0.934,
+# 70B-TP8's 8 KiB pages 0.906-0.909 vs 0.897-0.904); streaming cache hints did not help.
+DEFAULT_TUNING = Tuning(chunk_bytes=16 * 1024, step_bytes=4 * 1024, num_warps=8)
 # Pages whose power-of-two alignment is at least this are cut into chunks that divide them
 # evenly, so no program needs a mask; smaller even chunks would mean many tiny programs, so
 # such pages (fp8_ds_mla's 656-byte rows) take masked chunks of the tuned size instead.
