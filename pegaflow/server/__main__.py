@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         metrics = MetricsServer(server.service, args.metrics_port, host=args.metrics_host)
         metrics.start()
+    # The index holds one object per stored block (hundreds of thousands): full collections
+    # that scan them all would stall requests. What exists now lives as long as the process.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
     signal.signal(signal.SIGTERM, server.request_stop)
     signal.signal(signal.SIGINT, server.request_stop)
     logger.info(
