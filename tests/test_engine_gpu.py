@@ -60,9 +60,14 @@ def engine_for(cache, mode: str, slots: int, chunk_blocks: int = 3) -> Engine:
     return engine
 
 
+@pytest.mark.parametrize("launcher", ["inline", "thread"])
 @pytest.mark.parametrize("mode", ["staged", "zero_copy"])
 @pytest.mark.parametrize("kind", ["LBNHC", "BLNHC", "mla"])
-def test_round_trip_bit_exact_in_chunks(mode, kind):
+def test_round_trip_bit_exact_in_chunks(monkeypatch, mode, kind, launcher):
+    if launcher == "thread":  # every job through the launcher thread
+        from pegaflow.engine import transfer
+
+        monkeypatch.setattr(transfer, "INLINE_MAX_CHUNKS", 0)
     cache = make_cache(kind)
     engine = engine_for(cache, mode, slots=64)
     try:
@@ -203,14 +208,18 @@ def test_kv_on_a_device_the_engine_does_not_serve_is_rejected():
         engine.close()
 
 
-@pytest.mark.parametrize("chunk_blocks", [2, 64], ids=["launcher-thread", "inline"])
-def test_busy_caller_stream_does_not_reorder_the_id_upload(chunk_blocks):
+@pytest.mark.parametrize("inline", [False, True], ids=["launcher-thread", "inline"])
+def test_busy_caller_stream_does_not_reorder_the_id_upload(monkeypatch, inline):
     """The ids a job's launches read are uploaded on the engine's own stream: a caller whose
     current stream is busy (vLLM's compute stream, here a long sleep) cannot delay the upload
     past the launches (which then read stale ids and copy the wrong blocks)."""
+    from pegaflow.engine import transfer
+
+    if not inline:
+        monkeypatch.setattr(transfer, "INLINE_MAX_CHUNKS", 0)
     torch.manual_seed(11)
     cache = make_cache("LBNHC")
-    engine = engine_for(cache, "staged", slots=32, chunk_blocks=chunk_blocks)
+    engine = engine_for(cache, "staged", slots=32, chunk_blocks=2)
     try:
         src, dst = [7, 3, 50, 21, 9, 60], [1, 2, 40, 41, 42, 63]
         expected = blocks(cache, src)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from pegaflow.engine.handle import TransferHandle
+from pegaflow.engine import transfer
 from pegaflow.engine.transfer import LOAD, SAVE, CopyJob, GpuLane
 from pegaflow.kernels import reference
 from pegaflow.kernels.layouts import allocate_attention_kv_cache
@@ -80,9 +81,12 @@ def block_bytes(cache, b: int) -> torch.Tensor:
     return torch.cat([r.pages(cache.regions.num_blocks)[b] for r in cache.regions.regions])
 
 
+@pytest.mark.parametrize("launcher", ["inline", "thread"])
 @pytest.mark.parametrize("zero_copy", [False, True])
 @pytest.mark.parametrize("chunk_blocks", [1, 2, 3, 50])
-def test_lane_round_trip_over_scattered_slots(fake_cuda, zero_copy, chunk_blocks):
+def test_lane_round_trip_over_scattered_slots(fake_cuda, monkeypatch, zero_copy, chunk_blocks, launcher):
+    if launcher == "thread":  # no job is small enough to launch on the caller's thread
+        monkeypatch.setattr(transfer, "INLINE_MAX_CHUNKS", 0)
     cache = allocate_attention_kv_cache("LBNHC", num_layers=3, num_blocks=32, num_kv_heads=2, head_size=8,
                                         block_size=4, dtype=torch.bfloat16)  # fmt: skip
     slot = cache.regions.block_bytes + 256  # a slot larger than the block: padding must not leak

@@ -34,9 +34,11 @@ LOAD = "load"
 
 # A job of at most this many staging halves, on a path with nothing queued and fewer than
 # INLINE_MAX_INFLIGHT jobs in flight, is enqueued by the caller itself: a thread hand-off
-# costs more than such a launch (tens of microseconds), and the GPU queue has room.
-INLINE_MAX_CHUNKS = 2
-INLINE_MAX_INFLIGHT = 8
+# costs more than a small job's launch, and a launcher thread that waits for the GIL while
+# the caller books the next job (switch interval 5 ms) leaves the copy engines idle. The
+# bounds keep the caller's launch time (~0.1-0.3 ms a chunk) and the GPU queue short.
+INLINE_MAX_CHUNKS = 16
+INLINE_MAX_INFLIGHT = 4
 
 # The save and load launchers of every lane enqueue Triton kernels from their own threads;
 # Triton's JIT cache (first-call compilation) is not documented as thread-safe, and a launch
