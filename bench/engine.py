@@ -89,22 +89,39 @@ class Case:
         return self.engine.load(self.name, 0, self.load_ids, self.held)
 
 
-def burst_gbps(case: Case, submit, count: int, repeat: int) -> float:
+# Per burst kind, what the wall-clock rate hides: time to submit everything, and the rate
+# between the first and the last completion (the pipeline once full: no fill, no drain).
+DIAGNOSTICS: dict[str, dict[str, float]] = {}
+
+
+def burst_gbps(case: Case, submit, count: int, repeat: int, label: str = "") -> float:
     """GB/s of ``count`` transfers submitted back to back, wall clock to the last completion."""
-    rates = []
+    rates, submits, steady = [], [], []
     for i in range(repeat + 1):  # the first round warms up
         case.keep_held()
         if CUDA:
             torch.cuda.synchronize()
         calls = [fn for _ in range(count) for fn in submit]
+        done: list[float] = []
         start = time.perf_counter()
         handles = [fn() for fn in calls]
+        submitted = time.perf_counter()
+        for h in handles:
+            h.add_done_callback(lambda _, done=done: done.append(time.perf_counter()))
         results = [h.wait(120) for h in handles]
         elapsed = time.perf_counter() - start
         bad = [r for r in results if not r.ok or r.skipped]
         assert not bad, f"{case.name}: transfer failed or skipped: {bad[0]}"
         if i:
             rates.append(gbps(len(calls) * case.nbytes, elapsed * 1e3))
+            submits.append((submitted - start) * 1e3)
+            done.sort()
+            if len(done) > 1 and done[-1] > done[0]:
+                steady.append(gbps((len(calls) - 1) * case.nbytes, (done[-1] - done[0]) * 1e3))
+    if label:
+        DIAGNOSTICS[label] = {"wall_gbps": round(statistics.median(rates), 2),
+                              "submit_ms": round(statistics.median(submits), 2),
+                              "first_to_last_done_gbps": round(statistics.median(steady), 2) if steady else 0.0}
     return statistics.median(rates)
 
 
@@ -204,9 +221,9 @@ def main() -> None:
         use_lane(engine, cases, DEFAULT_STAGING_BYTES, mode == "zero_copy")
         for case in cases:
             k = burst[case.name]
-            save = burst_gbps(case, [case.save], k, args.repeat)
-            load = burst_gbps(case, [case.load], k, args.repeat)
-            both = burst_gbps(case, [case.save, case.load], k, args.repeat)
+            save = burst_gbps(case, [case.save], k, args.repeat, f"{case.name}/{mode}/save")
+            load = burst_gbps(case, [case.load], k, args.repeat, f"{case.name}/{mode}/load")
+            both = burst_gbps(case, [case.save, case.load], k, args.repeat, f"{case.name}/{mode}/both")
             c = ceiling[case.name]
             note = f"{args.blocks} blocks of {case.spec.block_bytes} B, bursts of {k}"
             rows.append(Row(case.name, "save", f"engine-{mode}", True, save, "GB/s", c["save"], note=note))
@@ -229,7 +246,10 @@ def main() -> None:
     if ceilings:
         ceilings.close()
     print_table(rows)
-    write_json(args.json, "engine", rows, {"stats": {k: v for k, v in engine.stats().items()}})
+    for label, diag in DIAGNOSTICS.items():
+        log(f"{label}: {diag}")
+    write_json(args.json, "engine", rows, {"stats": {k: v for k, v in engine.stats().items()},
+                                           "burst_diagnostics": DIAGNOSTICS})
 
 
 if __name__ == "__main__":
