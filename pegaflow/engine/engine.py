@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pegaflow.engine.config import EngineConfig, InstanceSpec
-from pegaflow.engine.handle import TransferHandle, TransferResult, combine
+from pegaflow.engine.handle import TransferHandle, TransferResult
 from pegaflow.engine.index import BlockIndex, LoadPlan
 from pegaflow.engine.pool import PinnedPool
 from pegaflow.engine.transfer import LOAD, SAVE, CopyJob, CpuLane, GpuLane
@@ -181,37 +181,12 @@ class Engine:
         the entries become READY once every rank's copy has completed.
         """
         inst, kv, lane, ids = self._check_transfer(instance_id, rank, block_ids, hashes)
-        with self._lock:
-            self._counters["saves"] += 1
-        return combine([(i, self._save_piece(inst, kv, lane, rank, ids[i : i + step], hashes[i : i + step], after_event))
-                        for i, step in _pieces(len(ids), lane.piece_blocks(inst.slot_bytes))], len(ids))
-
-    def load(self, instance_id: str, rank: int, block_ids: Sequence[int], hashes: Sequence[bytes]) -> TransferHandle:
-        """Copy the pool's blocks ``hashes`` into blocks ``block_ids`` of the rank's KV cache.
-
-        A hash not held and ready makes the result ``ok=False`` with its index in ``missing``;
-        the others are still loaded. Entries stay pinned (never evicted) for the copy's duration.
-        """
-        inst, kv, lane, ids = self._check_transfer(instance_id, rank, block_ids, hashes)
-        if len(set(ids)) != len(ids):
-            raise ValueError("block_ids holds duplicates: two loads would write the same block")
-        with self._lock:
-            self._counters["loads"] += 1
-        return combine([(i, self._load_piece(inst, kv, lane, rank, ids[i : i + step], hashes[i : i + step]))
-                        for i, step in _pieces(len(ids), lane.piece_blocks(inst.slot_bytes))], len(ids))
-
-    # A large transfer is booked and launched in pieces of one staging chunk each: its first
-    # copy starts after one piece's bookkeeping, not the whole transfer's, and its last piece
-    # completes with one piece's bookkeeping left (on the H200, 512-block saves lost 0.04-0.10
-    # of the ceiling to filling and draining the pipeline; their steady state ran at 1.00).
-
-    def _save_piece(self, inst: _Instance, kv: KVRegions, lane: Any, rank: int, ids: list[int],
-                    hashes: Sequence[bytes], after_event: Any) -> TransferHandle:
         spec = inst.spec
         plan = self.index.prepare_save(
             inst.namespace, hashes, 0 if spec.replicated else rank, spec.stored_ranks, inst.slot_bytes
         )
         with self._lock:
+            self._counters["saves"] += 1
             self._counters["skipped_saves"] += len(plan.skipped)
         if not plan.writes:
             return TransferHandle.completed(TransferResult(True, 0, 0, skipped=plan.skipped))
@@ -235,12 +210,20 @@ class Engine:
         lane.submit(job)
         return handle
 
-    def _load_piece(self, inst: _Instance, kv: KVRegions, lane: Any, rank: int, ids: list[int],
-                    hashes: Sequence[bytes]) -> TransferHandle:
+    def load(self, instance_id: str, rank: int, block_ids: Sequence[int], hashes: Sequence[bytes]) -> TransferHandle:
+        """Copy the pool's blocks ``hashes`` into blocks ``block_ids`` of the rank's KV cache.
+
+        A hash not held and ready makes the result ``ok=False`` with its index in ``missing``;
+        the others are still loaded. Entries stay pinned (never evicted) for the copy's duration.
+        """
+        inst, kv, lane, ids = self._check_transfer(instance_id, rank, block_ids, hashes)
+        if len(set(ids)) != len(ids):
+            raise ValueError("block_ids holds duplicates: two loads would write the same block")
         spec = inst.spec
         plan = self.index.prepare_load(inst.namespace, hashes, 0 if spec.replicated else rank)
         missing_error = f"{len(plan.missing)} of {len(ids)} blocks not held" if plan.missing else None
         with self._lock:
+            self._counters["loads"] += 1
             self._counters["load_missing"] += len(plan.missing)
             if not plan.reads:
                 return TransferHandle.completed(
@@ -369,11 +352,6 @@ class Engine:
         if len(ids) != len(hashes):
             raise ValueError(f"block_ids has {len(ids)} ids, hashes {len(hashes)}: lengths differ")
         return inst, kv, lane, ids
-
-
-def _pieces(count: int, step: int) -> list[tuple[int, int]]:
-    """``(first, step)`` of each piece of a transfer of ``count`` blocks (one piece if empty)."""
-    return [(first, step) for first in range(0, max(count, 1), step)]
 
 
 def _check_block_ids(block_ids: Sequence[int], num_blocks: int) -> list[int]:

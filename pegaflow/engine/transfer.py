@@ -149,10 +149,6 @@ class CpuLane:
     def submit(self, job: CopyJob) -> None:
         self._workers[job.direction].put(lambda: self._run(job))
 
-    def piece_blocks(self, slot_bytes: int) -> int:
-        """Blocks the engine books and submits at a time: all of a transfer (one copy per job)."""
-        return 1 << 62
-
     def _run(self, job: CopyJob) -> None:
         from pegaflow.kernels import reference
 
@@ -223,10 +219,6 @@ class GpuLane:
         self._dma = dma.copy_async  # (dst address, src address, bytes, stream handle)
         with torch.cuda.device(self.device):
             self._paths = {d: _Path(d, self.device, staging_bytes) for d in (SAVE, LOAD)}
-
-    def piece_blocks(self, slot_bytes: int) -> int:
-        """Blocks the engine books and submits at a time: one staging chunk's worth."""
-        return self._per_chunk(self._paths[SAVE], slot_bytes)
 
     def new_event(self) -> torch.cuda.Event:
         # blocking: the completion thread sleeps in synchronize() instead of spinning a core.
