@@ -99,6 +99,47 @@ class TransferHandle:
         return handle
 
 
+class _CombinedHandle(TransferHandle):
+    """One transfer moved in pieces: done when every piece is; its event is the last
+    launched piece's (pieces run in order on the same streams, so it completes last)."""
+
+    def __init__(self, pieces: list[tuple[int, TransferHandle]], total: int) -> None:
+        super().__init__(None)
+        self._pieces = pieces
+        self._total = total
+        self._last = next((h for _, h in reversed(pieces) if h._event is not None), None)
+        self._left = len(pieces)
+        self._count_lock = threading.Lock()
+        for _, piece in pieces:
+            piece.add_done_callback(self._piece_done)
+
+    @property
+    def event(self) -> Any:
+        return self._last.event if self._last is not None else None
+
+    def _piece_done(self, _: TransferResult) -> None:
+        with self._count_lock:
+            self._left -= 1
+            if self._left:
+                return
+        self._complete(merge_results([(start, h.wait(0)) for start, h in self._pieces], self._total))
+
+
+def combine(pieces: list[tuple[int, TransferHandle]], total: int) -> TransferHandle:
+    """One handle for a transfer split into pieces, ``(first index, handle)`` each, of ``total`` blocks."""
+    return pieces[0][1] if len(pieces) == 1 else _CombinedHandle(pieces, total)
+
+
+def merge_results(parts: list[tuple[int, TransferResult]], total: int) -> TransferResult:
+    """The result of a transfer from its pieces' (indices shifted by each piece's first index)."""
+    skipped = tuple(start + i for start, r in parts for i in r.skipped)
+    missing = tuple(start + i for start, r in parts for i in r.missing)
+    errors = [r.error for _, r in parts if r.error and not r.missing]
+    error = errors[0] if errors else (f"{len(missing)} of {total} blocks not held" if missing else None)
+    return TransferResult(all(r.ok for _, r in parts), sum(r.num_blocks for _, r in parts),
+                          sum(r.nbytes for _, r in parts), skipped, missing, error)
+
+
 def _call(fn: Callable[[TransferResult], None], result: TransferResult) -> None:
     # A failing callback belongs to its caller; it must not kill the engine's completion thread.
     try:

@@ -32,14 +32,14 @@ logger = logging.getLogger(__name__)
 SAVE = "save"
 LOAD = "load"
 
-# A job of at most this many staging halves, on a path with nothing queued and fewer than
-# INLINE_MAX_INFLIGHT jobs in flight, is enqueued by the caller itself: a thread hand-off
-# costs more than a small job's launch, and a launcher thread that waits for the GIL while
-# the caller books the next job (switch interval 5 ms) leaves the copy engines idle (on the
-# H200, 2 GiB DeepSeek saves launched by the thread reached 0.90 of the ceiling, their
-# steady state 1.00). The bounds keep the GPU queue short; a queued job's launches may block.
+# A job is enqueued by the caller itself when nothing is queued on its path and the chunks
+# already in flight plus its own stay within INLINE_MAX_CHUNKS (or nothing is in flight): a
+# thread hand-off costs more than a small job's launch, and a launcher thread that waits for
+# the GIL while the caller books the next job (switch interval 5 ms) leaves the copy engines
+# idle (on the H200, 2 GiB DeepSeek saves launched by the thread reached 0.90 of the
+# ceiling, their steady state 1.00). The bound keeps the GPU queue short, so the caller
+# never blocks on it; a queued job's launches may.
 INLINE_MAX_CHUNKS = 64
-INLINE_MAX_INFLIGHT = 4
 
 # The save and load launchers of every lane enqueue Triton kernels from their own threads;
 # Triton's JIT cache (first-call compilation) is not documented as thread-safe, and a launch
@@ -149,6 +149,10 @@ class CpuLane:
     def submit(self, job: CopyJob) -> None:
         self._workers[job.direction].put(lambda: self._run(job))
 
+    def piece_blocks(self, slot_bytes: int) -> int:
+        """Blocks the engine books and submits at a time: all of a transfer (one copy per job)."""
+        return 1 << 62
+
     def _run(self, job: CopyJob) -> None:
         from pegaflow.kernels import reference
 
@@ -190,7 +194,7 @@ class _Path:
         self.launch_lock = threading.Lock()
         self.state_lock = threading.Lock()
         self.backlog = 0  # jobs handed to the launcher thread and not yet launched
-        self.inflight = 0  # jobs launched and not yet completed
+        self.inflight = 0  # chunks launched and not yet completed
 
     def buffers(self, slot_bytes: int) -> list[torch.Tensor]:
         """The two staging halves, grown (after draining) if one slot does not fit."""
@@ -220,6 +224,10 @@ class GpuLane:
         with torch.cuda.device(self.device):
             self._paths = {d: _Path(d, self.device, staging_bytes) for d in (SAVE, LOAD)}
 
+    def piece_blocks(self, slot_bytes: int) -> int:
+        """Blocks the engine books and submits at a time: one staging chunk's worth."""
+        return self._per_chunk(self._paths[SAVE], slot_bytes)
+
     def new_event(self) -> torch.cuda.Event:
         # blocking: the completion thread sleeps in synchronize() instead of spinning a core.
         return torch.cuda.Event(blocking=True)
@@ -229,33 +237,33 @@ class GpuLane:
         small (a thread hand-off costs more than such a launch), else on the launcher thread,
         so a caller never waits behind another job's launches."""
         path = self._paths[job.direction]
-        small = len(job.offsets) * job.slot_bytes <= INLINE_MAX_CHUNKS * path.half
+        chunks = -(-len(job.offsets) // self._per_chunk(path, job.slot_bytes))
         with path.state_lock:
-            inline = small and path.backlog == 0 and path.inflight < INLINE_MAX_INFLIGHT
+            inline = path.backlog == 0 and (path.inflight == 0 or path.inflight + chunks <= INLINE_MAX_CHUNKS)
             if not inline:
                 path.backlog += 1
         if inline:
-            self._launch(path, job)
+            self._launch(path, job, chunks)
         else:
-            path.launcher.put(lambda: self._launch(path, job, queued=True))
+            path.launcher.put(lambda: self._launch(path, job, chunks, queued=True))
 
     def close(self) -> None:
         for path in self._paths.values():
             path.close()
 
-    def _launch(self, path: _Path, job: CopyJob, queued: bool = False) -> None:
+    def _launch(self, path: _Path, job: CopyJob, chunks: int, queued: bool = False) -> None:
         with path.launch_lock:
             with path.state_lock:
-                path.inflight += 1
+                path.inflight += chunks
                 if queued:
                     path.backlog -= 1
-            self._launch_locked(path, job)
+            self._launch_locked(path, job, chunks)
 
-    def _done(self, path: _Path) -> None:
+    def _done(self, path: _Path, chunks: int) -> None:
         with path.state_lock:
-            path.inflight -= 1
+            path.inflight -= chunks
 
-    def _launch_locked(self, path: _Path, job: CopyJob) -> None:
+    def _launch_locked(self, path: _Path, job: CopyJob, chunks: int) -> None:
         event = job.handle._event
         try:
             with torch.cuda.device(self.device):
@@ -272,19 +280,19 @@ class GpuLane:
                 path.dma.wait_stream(path.sm)
                 event.record(path.dma)
             job.handle._mark_launched()
-            path.completer.put(lambda exc=exc: (event.synchronize(), self._done(path), _fail(job, exc)))
+            path.completer.put(lambda exc=exc: (event.synchronize(), self._done(path, chunks), _fail(job, exc)))
             return
         job.handle._mark_launched()
-        path.completer.put(lambda: self._complete(path, job, event))
+        path.completer.put(lambda: self._complete(path, job, event, chunks))
 
-    def _complete(self, path: _Path, job: CopyJob, event: torch.cuda.Event) -> None:
+    def _complete(self, path: _Path, job: CopyJob, event: torch.cuda.Event, chunks: int) -> None:
         try:
             event.synchronize()
         except Exception as exc:
-            self._done(path)
+            self._done(path, chunks)
             _fail(job, exc)
             return
-        self._done(path)
+        self._done(path, chunks)
         job.finish(True, None)
 
     def _per_chunk(self, path: _Path, slot_bytes: int) -> int:

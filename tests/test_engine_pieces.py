@@ -1,0 +1,85 @@
+"""Transfers booked and launched in pieces (the GPU lane's staging chunk each): the caller sees
+one transfer, with skipped and missing indices, counts and contents as if it were one piece.
+Run on the CPU with the CPU lane told that a chunk is 2 blocks (pieces [0, 2), [2, n - 2), [n - 2, n))."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pegaflow.engine import Engine, EngineConfig, TransferResult
+from pegaflow.engine.handle import merge_results
+from pegaflow.engine.transfer import CpuLane
+from test_engine import NUM_BLOCKS, block_bytes_of, hashes, llama_like, reset, spec_for
+
+
+@pytest.fixture
+def chunks_of_2(monkeypatch):
+    monkeypatch.setattr(CpuLane, "piece_blocks", lambda self, slot_bytes: 2)
+    eng = Engine(EngineConfig(pool_bytes=4 << 20))
+    cache = llama_like()
+    eng.register_instance(spec_for(cache))
+    eng.register_kv("vllm-0", 0, cache.regions)
+    yield eng, cache
+    eng.close()
+
+
+def test_save_in_pieces_reports_skips_as_one_transfer(chunks_of_2):
+    engine, cache = chunks_of_2
+    torch.manual_seed(5)
+    reset(cache)
+    keys = hashes(10)
+    assert engine.save("vllm-0", 0, [1, 2], keys[3:5]).wait(10).ok  # 2 of the 10 already held
+    src = list(range(10, 20))
+    keys[8] = keys[1]  # a repeat inside the call, in another piece than its first
+    result = engine.save("vllm-0", 0, src, keys).wait(10)
+    assert result.ok and result.skipped == (3, 4, 8)
+    assert result.num_blocks == 7 and result.nbytes == 7 * cache.regions.block_bytes
+    stats = engine.stats()
+    assert stats["saves"] == 2 and stats["blocks_saved"] == 9 and stats["skipped_saves"] == 3
+
+
+def test_load_in_pieces_round_trips_and_reports_missing_across_pieces(chunks_of_2):
+    engine, cache = chunks_of_2
+    torch.manual_seed(6)
+    reset(cache)
+    src = [0, 5, 9, 3, 7, 11, 2]
+    keys = hashes(len(src))
+    expected = [block_bytes_of(cache, b) for b in src]
+    assert engine.save("vllm-0", 0, src, keys).wait(10).ok
+    dst = [12, 13, 14, 15, 16, 17, 18]
+    untouched = {b: block_bytes_of(cache, b) for b in range(NUM_BLOCKS) if b not in dst}
+    result = engine.load("vllm-0", 0, dst, keys).wait(10)
+    assert result == TransferResult(True, 7, 7 * cache.regions.block_bytes)
+    assert [block_bytes_of(cache, b) for b in dst] == expected
+    assert all(block_bytes_of(cache, b) == data for b, data in untouched.items())
+
+    absent = keys[:]
+    absent[1], absent[5] = hashes(2)  # in the first and the last piece
+    reset(cache)
+    result = engine.load("vllm-0", 0, dst, absent).wait(10)
+    assert not result.ok and result.missing == (1, 5) and result.num_blocks == 5
+    assert result.error == "2 of 7 blocks not held"
+    assert [block_bytes_of(cache, dst[i]) for i in (0, 2, 3, 4, 6)] == [expected[i] for i in (0, 2, 3, 4, 6)]
+    assert engine.stats()["loads"] == 2 and engine.stats()["loads_pinned"] == 0
+
+
+def test_merge_results_shifts_indices_and_keeps_the_first_copy_error():
+    parts = [(0, TransferResult(True, 3, 30)), (3, TransferResult(True, 1, 10, skipped=(0, 2))),
+             (6, TransferResult(False, 0, 0, error="copy failed")), (9, TransferResult(False, 0, 0, missing=(1,),
+                                                                                        error="1 of 3 blocks not held"))]
+    merged = merge_results(parts, 12)
+    assert merged == TransferResult(False, 4, 40, skipped=(3, 5), missing=(10,), error="copy failed")
+    assert merge_results([(0, TransferResult(True, 2, 20))], 2) == TransferResult(True, 2, 20)
+
+
+def test_pieces_are_the_first_and_last_chunk_apart_from_the_rest():
+    from pegaflow.engine.engine import _pieces
+
+    assert _pieces(0, 4) == [(0, 0)]
+    assert _pieces(8, 4) == [(0, 8)]
+    assert _pieces(9, 4) == [(0, 4), (4, 5)]
+    assert _pieces(13, 4) == [(0, 4), (4, 5), (9, 4)]
+    for count in range(40):
+        parts = _pieces(count, 3)
+        assert [i for first, n in parts for i in range(first, first + n)] == list(range(count))
