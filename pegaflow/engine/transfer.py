@@ -149,9 +149,9 @@ class CpuLane:
     def submit(self, job: CopyJob) -> None:
         self._workers[job.direction].put(lambda: self._run(job))
 
-    def piece_blocks(self, slot_bytes: int) -> int:
-        """Blocks the engine books and submits at a time: all of a transfer (one copy per job)."""
-        return 1 << 62
+    def head_blocks(self, direction: str, slot_bytes: int) -> int | None:
+        """Blocks the engine may book and submit apart first (None: the whole transfer at once)."""
+        return None
 
     def _run(self, job: CopyJob) -> None:
         from pegaflow.kernels import reference
@@ -224,9 +224,13 @@ class GpuLane:
         with torch.cuda.device(self.device):
             self._paths = {d: _Path(d, self.device, staging_bytes) for d in (SAVE, LOAD)}
 
-    def piece_blocks(self, slot_bytes: int) -> int:
-        """Blocks the engine books and submits at a time: one staging chunk's worth."""
-        return self._per_chunk(self._paths[SAVE], slot_bytes)
+    def head_blocks(self, direction: str, slot_bytes: int) -> int | None:
+        """One staging chunk's worth of blocks if the path is idle (then the engine submits
+        them apart, so copying starts sooner), else None."""
+        path = self._paths[direction]
+        with path.state_lock:
+            idle = path.inflight == 0 and path.backlog == 0
+        return self._per_chunk(path, slot_bytes) if idle else None
 
     def new_event(self) -> torch.cuda.Event:
         # blocking: the completion thread sleeps in synchronize() instead of spinning a core.
