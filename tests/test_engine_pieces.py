@@ -1,6 +1,6 @@
-"""Transfers booked and launched in pieces (the GPU lane's first staging chunk apart from the
-rest when the path is idle): the caller sees one transfer, with skipped and missing indices, counts and contents as if it were one piece.
-Run on the CPU with the CPU lane told to submit 2 blocks apart first (pieces [0, 2) and [2, n))."""
+"""Transfers booked and launched in pieces (the GPU lane's first and last staging chunk apart
+from the rest when the path is idle): the caller sees one transfer, with skipped and missing indices, counts and contents as if it were one piece.
+Run on the CPU with the CPU lane told that a chunk is 2 blocks (pieces [0, 2), [2, n - 2), [n - 2, n))."""
 
 from __future__ import annotations
 
@@ -73,10 +73,14 @@ def test_merge_results_shifts_indices_and_keeps_the_first_copy_error():
     assert merge_results([(0, TransferResult(True, 2, 20))], 2) == TransferResult(True, 2, 20)
 
 
-def test_pieces_are_the_head_apart_from_the_rest():
+def test_pieces_are_the_first_and_last_chunk_apart_from_the_rest():
     from pegaflow.engine.engine import _pieces
 
     assert _pieces(0, 4) == [(0, 0)]
     assert _pieces(8, 4) == [(0, 8)]
     assert _pieces(9, 4) == [(0, 4), (4, 5)]
-    assert _pieces(9, None) == [(0, 9)]
+    assert _pieces(13, 4) == [(0, 4), (4, 5), (9, 4)]
+    assert _pieces(13, None) == [(0, 13)]
+    for count in range(40):
+        parts = _pieces(count, 3)
+        assert [i for first, n in parts for i in range(first, first + n)] == list(range(count))

@@ -200,12 +200,13 @@ class Engine:
         return combine([(i, self._load_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n]))
                         for i, n in _pieces(len(ids), lane.head_blocks(LOAD, inst.slot_bytes))], len(ids))
 
-    # A transfer that finds its path idle has its first staging chunk booked and launched
-    # apart from the rest, so the copy engines start after one chunk's bookkeeping instead of
-    # the whole transfer's: on the H200, 512-block saves lost 0.04-0.14 of the ceiling to
-    # filling and draining the pipeline while their steady state ran at 1.00. Busy paths are
+    # A transfer that finds its path idle has its first and last staging chunk booked and
+    # launched apart from the rest: copies start after one chunk's bookkeeping, and the last
+    # completion waits on one chunk's (on the H200, 512-block saves lost 0.04-0.14 of the
+    # ceiling to filling and draining the pipeline while their steady state ran at 1.00; a
+    # 10K-token load reached 0.92 of the TTFT bound split, 0.84-0.86 whole). Busy paths are
     # not split: there every piece's own bookkeeping and upload cost more than it saved
-    # (saves and loads at once fell from 0.84-0.91 to 0.66-0.91 of the ceiling).
+    # (saves and loads at once fell from 0.84-0.92 to 0.66-0.91 of the ceiling).
 
     def _save_piece(self, inst: _Instance, kv: KVRegions, lane: Any, rank: int, ids: list[int],
                     hashes: Sequence[bytes], after_event: Any) -> TransferHandle:
@@ -373,12 +374,14 @@ class Engine:
         return inst, kv, lane, ids
 
 
-def _pieces(count: int, head: int | None) -> list[tuple[int, int]]:
-    """``(first, size)`` of a transfer's pieces: ``head`` blocks apart from the rest, if given
-    and the transfer is longer than two of them."""
-    if head is None or count <= 2 * head:
+def _pieces(count: int, chunk: int | None) -> list[tuple[int, int]]:
+    """``(first, size)`` of a transfer's pieces: given a chunk, the first and the last chunk
+    apart from the rest (as far as the transfer is longer than two chunks)."""
+    if chunk is None or count <= 2 * chunk:
         return [(0, count)]
-    return [(0, head), (head, count - head)]
+    if count <= 3 * chunk:
+        return [(0, chunk), (chunk, count - chunk)]
+    return [(0, chunk), (chunk, count - 2 * chunk), (count - chunk, chunk)]
 
 
 def _check_block_ids(block_ids: Sequence[int], num_blocks: int) -> list[int]:

@@ -150,7 +150,7 @@ class CpuLane:
         self._workers[job.direction].put(lambda: self._run(job))
 
     def head_blocks(self, direction: str, slot_bytes: int) -> int | None:
-        """Blocks the engine may book and submit apart first (None: the whole transfer at once)."""
+        """Blocks the engine may book and submit apart at each end (None: all at once)."""
         return None
 
     def _run(self, job: CopyJob) -> None:
@@ -225,8 +225,8 @@ class GpuLane:
             self._paths = {d: _Path(d, self.device, staging_bytes) for d in (SAVE, LOAD)}
 
     def head_blocks(self, direction: str, slot_bytes: int) -> int | None:
-        """One staging chunk's worth of blocks if the path is idle (then the engine submits
-        them apart, so copying starts sooner), else None."""
+        """One staging chunk's worth of blocks if the path is idle (the engine then submits the
+        first and last chunk apart, so copying starts and completes sooner), else None."""
         path = self._paths[direction]
         with path.state_lock:
             idle = path.inflight == 0 and path.backlog == 0
