@@ -237,9 +237,10 @@ class GpuLane:
         return torch.cuda.Event(blocking=True)
 
     def submit(self, job: CopyJob) -> None:
-        """Enqueue the job's copies: on the caller's thread when the path is idle and the job
-        small (a thread hand-off costs more than such a launch), else on the launcher thread,
-        so a caller never waits behind another job's launches."""
+        """Enqueue the job's copies: on the caller's thread when nothing is queued and the GPU
+        queue is short (see INLINE_MAX_CHUNKS), else on the launcher thread, in order. An
+        inline caller may wait for a launch already in progress (a few milliseconds at most),
+        never for the GPU."""
         path = self._paths[job.direction]
         chunks = -(-len(job.offsets) // self._per_chunk(path, job.slot_bytes))
         with path.state_lock:
