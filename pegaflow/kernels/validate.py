@@ -62,7 +62,7 @@ def as_id_array(ids: Ids, name: str) -> np.ndarray:
     return array.astype(np.int64, copy=False)
 
 
-def check_range(ids: np.ndarray, limit: int, name: str) -> None:
+def _check_range(ids: np.ndarray, limit: int, name: str) -> None:
     if ids.size == 0:
         return
     low, high = int(ids.min()), int(ids.max())
@@ -72,9 +72,20 @@ def check_range(ids: np.ndarray, limit: int, name: str) -> None:
         raise ValueError(f"{name} holds id {high}, out of range [0, {limit})")
 
 
-def check_unique(ids: np.ndarray, name: str) -> None:
+def _check_unique(ids: np.ndarray, name: str) -> None:
     if ids.size > 1 and np.unique(ids).size != ids.size:
         raise ValueError(f"{name} holds duplicate ids: two copies would write the same place")
+
+
+def _block_ids(kv: KVRegions, block_ids: Ids, to_kv: bool) -> np.ndarray:
+    """The ids as an int64 array, each a block of ``kv``; unique when the copy writes the KV cache."""
+    if not isinstance(kv, KVRegions):
+        raise ValueError(f"kv must be KVRegions, got {type(kv).__name__}")
+    blocks = as_id_array(block_ids, "block_ids")
+    _check_range(blocks, kv.num_blocks, "block_ids")
+    if to_kv:
+        _check_unique(blocks, "block_ids")
+    return blocks
 
 
 def _check_buffer(buffer: torch.Tensor, name: str) -> int:
@@ -101,12 +112,7 @@ def plan_copy(
     transfer occupies ``[i * block_bytes, (i + 1) * block_bytes)``. With them, block ``i``
     goes to (or comes from) ``slot_ids[i] * slot_bytes``.
     """
-    if not isinstance(kv, KVRegions):
-        raise ValueError(f"kv must be KVRegions, got {type(kv).__name__}")
-    blocks = as_id_array(block_ids, "block_ids")
-    check_range(blocks, kv.num_blocks, "block_ids")
-    if to_kv:
-        check_unique(blocks, "block_ids")
+    blocks = _block_ids(kv, block_ids, to_kv)
     buffer_bytes = _check_buffer(buffer, buffer_name)
     block_bytes = kv.block_bytes
 
@@ -127,9 +133,9 @@ def plan_copy(
     slots = as_id_array(slot_ids, "slot_ids")
     if slots.size != blocks.size:
         raise ValueError(f"slot_ids has {slots.size} ids, block_ids {blocks.size}")
-    check_range(slots, buffer_bytes // slot_bytes, "slot_ids")
+    _check_range(slots, buffer_bytes // slot_bytes, "slot_ids")
     if not to_kv:
-        check_unique(slots, "slot_ids")
+        _check_unique(slots, "slot_ids")
     return CopyPlan(blocks, slots, slot_bytes, buffer_bytes)
 
 
@@ -140,11 +146,7 @@ def plan_table(kv: KVRegions, block_ids: Ids, pitch: int, *, to_kv: bool) -> np.
     if not isinstance(pitch, int) or isinstance(pitch, bool) or pitch < kv.block_bytes or pitch % 16:
         raise ValueError(f"pitch must be a multiple of 16 of at least one block ({kv.block_bytes} bytes), "
                          f"got {pitch!r}")
-    ids = as_id_array(block_ids, "block_ids")
-    check_range(ids, kv.num_blocks, "block_ids")
-    if to_kv:
-        check_unique(ids, "block_ids")
-    return ids
+    return _block_ids(kv, block_ids, to_kv)
 
 
 def check_rows(table_count: int, pitch: int, first: int, count: int, buffer: torch.Tensor, align: int) -> None:
