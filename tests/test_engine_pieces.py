@@ -84,3 +84,12 @@ def test_pieces_are_the_first_and_last_chunk_apart_from_the_rest():
     for count in range(40):
         parts = _pieces(count, 3)
         assert [i for first, n in parts for i in range(first, first + n)] == list(range(count))
+
+
+def test_a_failed_copy_is_reported_even_where_blocks_were_missing_too():
+    parts = [(0, TransferResult(False, 0, 0, missing=(2,), error="RuntimeError: cuMemcpyAsync failed")),
+             (4, TransferResult(False, 3, 30, missing=(0,), error="1 of 4 blocks not held"))]
+    merged = merge_results(parts, 8)
+    assert merged.missing == (2, 4) and merged.error == "RuntimeError: cuMemcpyAsync failed"
+    only_missing = [(0, TransferResult(False, 3, 30, missing=(2,), error="1 of 4 blocks not held")), parts[1]]
+    assert merge_results(only_missing, 8).error == "2 of 8 blocks not held"

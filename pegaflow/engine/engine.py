@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pegaflow.engine.config import EngineConfig, InstanceSpec
-from pegaflow.engine.handle import TransferHandle, TransferResult, combine
+from pegaflow.engine.handle import TransferHandle, TransferResult, combine, missing_error
 from pegaflow.engine.index import BlockIndex, LoadPlan
 from pegaflow.engine.pool import PinnedPool
 from pegaflow.engine.transfer import LOAD, SAVE, CopyJob, CpuLane, GpuLane
@@ -242,12 +242,12 @@ class Engine:
                     hashes: Sequence[bytes]) -> TransferHandle:
         spec = inst.spec
         plan = self.index.prepare_load(inst.namespace, hashes, 0 if spec.replicated else rank)
-        missing_error = f"{len(plan.missing)} of {len(ids)} blocks not held" if plan.missing else None
+        missing = missing_error(len(plan.missing), len(ids))
         with self._lock:
             self._counters["load_missing"] += len(plan.missing)
             if not plan.reads:
                 return TransferHandle.completed(
-                    TransferResult(not plan.missing, 0, 0, missing=plan.missing, error=missing_error)
+                    TransferResult(not plan.missing, 0, 0, missing=plan.missing, error=missing)
                 )
             pinned = _PinnedLoad(plan)
             inst.loads.add(pinned)
@@ -268,7 +268,7 @@ class Engine:
                     self._counters["failed_loads"] += 1
             handle._complete(
                 TransferResult(ok and not plan.missing, count if ok else 0, count * spec.block_bytes if ok else 0,
-                               missing=plan.missing, error=error or missing_error)  # fmt: skip
+                               missing=plan.missing, error=error or missing)  # fmt: skip
             )
 
         job = CopyJob(LOAD, kv, [ids[i] for i, _ in plan.reads], plan.offsets(), inst.slot_bytes, handle, finish)

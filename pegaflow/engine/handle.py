@@ -130,12 +130,23 @@ def combine(pieces: list[tuple[int, TransferHandle]], total: int) -> TransferHan
     return pieces[0][1] if len(pieces) == 1 else _CombinedHandle(pieces, total)
 
 
+def missing_error(missing: int, total: int) -> str | None:
+    """A load's error when ``missing`` of its ``total`` blocks were not held (None if none)."""
+    return f"{missing} of {total} blocks not held" if missing else None
+
+
 def merge_results(parts: list[tuple[int, TransferResult]], total: int) -> TransferResult:
-    """The result of a transfer from its pieces' (indices shifted by each piece's first index)."""
+    """The result of a transfer from its pieces' (indices shifted by each piece's first index).
+
+    A piece's own error wins over the summary of missing blocks unless it is that piece's
+    summary: a copy that failed is reported even where blocks were missing too.
+    """
     skipped = tuple(start + i for start, r in parts for i in r.skipped)
     missing = tuple(start + i for start, r in parts for i in r.missing)
-    errors = [r.error for _, r in parts if r.error and not r.missing]
-    error = errors[0] if errors else (f"{len(missing)} of {total} blocks not held" if missing else None)
+    ends = [start for start, _ in parts[1:]] + [total]
+    errors = [r.error for (start, r), end in zip(parts, ends)
+              if r.error and r.error != missing_error(len(r.missing), end - start)]
+    error = errors[0] if errors else missing_error(len(missing), total)
     return TransferResult(all(r.ok for _, r in parts), sum(r.num_blocks for _, r in parts),
                           sum(r.nbytes for _, r in parts), skipped, missing, error)
 
