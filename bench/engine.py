@@ -8,7 +8,8 @@ same run and on the same card: one contiguous copy of the same bytes between GPU
 pinned memory each way, and both directions at once on two streams.
 
 Rows: save and load GB/s (target >= 0.93 of the one-way ceiling), save+load at once (target
->= 0.85 of the two-direction ceiling), for ``staged`` and ``zero_copy``; then a sweep of the
+>= 0.85 of the two-direction ceiling), for ``staged``, ``dma`` (saves by the copy engines
+alone) and ``zero_copy``; then a sweep of the
 staging size (the default's justification).
 
     python bench/engine.py --json bench/results/engine-h200.json
@@ -165,13 +166,13 @@ class Ceilings:
         self.host.close()
 
 
-def use_lane(engine: Engine, cases: list[Case], staging_bytes: int, zero_copy: bool) -> None:
+def use_lane(engine: Engine, cases: list[Case], staging_bytes: int, mode: str) -> None:
     """Swap the device's lane for one with another staging size or mode, keeping the pool
     (pinning it again per variant would cost more than the whole measurement)."""
     if not CUDA:
         return  # the smoke run has one CPU lane
     engine._lanes[0].close()
-    engine._lanes[0] = GpuLane(0, engine.pool.tensor, staging_bytes, zero_copy)
+    engine._lanes[0] = GpuLane(0, engine.pool.tensor, staging_bytes, mode == "zero_copy", dma_saves=mode == "dma")
     for case in cases:
         engine.register_kv(case.name, 0, case.cache.regions)
 
@@ -183,6 +184,8 @@ def main() -> None:
     parser.add_argument("--cache-gib", type=float, default=4.0, help="least KV cache size per config")
     parser.add_argument("--burst-gib", type=float, default=1.0, help="least bytes per timed burst, each way")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--modes", default="staged,dma,zero_copy",
+                        help="save modes to measure (dma: saves by the copy engines alone, loads staged)")
     parser.add_argument("--sweep", default="4,8,16,32,64,128", help="staging MiB to sweep ('' to skip)")
     parser.add_argument("--sweep-configs", default="llama3-8b,llama3-70b-tp8")
     args = parser.parse_args()
@@ -217,8 +220,8 @@ def main() -> None:
             method = {"save": "contiguous D2H copy", "load": "contiguous H2D copy", "both": "both at once, 2 streams"}[d]
             rows.append(Row(case.name, d, method, False, ceiling[case.name][d], "GB/s", ceiling[case.name][d]))
 
-    for mode in ("staged", "zero_copy"):
-        use_lane(engine, cases, DEFAULT_STAGING_BYTES, mode == "zero_copy")
+    for mode in [m for m in args.modes.split(",") if m]:
+        use_lane(engine, cases, DEFAULT_STAGING_BYTES, mode)
         for case in cases:
             k = burst[case.name]
             save = burst_gbps(case, [case.save], k, args.repeat, f"{case.name}/{mode}/save")

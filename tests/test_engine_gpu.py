@@ -1,4 +1,4 @@
-"""The engine on CUDA: staged and zero-copy round trips bit-exact, event ordering both ways,
+"""The engine on CUDA: staged, dma (copy-engine saves) and zero-copy round trips bit-exact, event ordering both ways,
 saves and loads at the same time. Skipped without a GPU (conftest.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from pegaflow.engine import Engine, EngineConfig, InstanceSpec
 from pegaflow.engine.engine import SLOT_ALIGN
-from pegaflow.kernels.layouts import allocate_attention_kv_cache, allocate_mla_kv_cache
+from pegaflow.kernels.layouts import allocate_attention_kv_cache, allocate_kv_first_cache, allocate_mla_kv_cache
 
 pytestmark = pytest.mark.gpu
 
@@ -27,6 +27,9 @@ def hashes(n: int) -> list[bytes]:
 def make_cache(kind: str):
     if kind == "mla":
         return allocate_mla_kv_cache(num_layers=3, num_blocks=NUM_BLOCKS, block_size=8, device="cuda")
+    if kind == "kv_first":
+        return allocate_kv_first_cache(num_layers=4, num_blocks=NUM_BLOCKS, num_kv_heads=2, head_size=32, block_size=4,
+                                       dtype=torch.bfloat16, device="cuda")
     return allocate_attention_kv_cache(
         kind, num_layers=4, num_blocks=NUM_BLOCKS, num_kv_heads=2, head_size=32, block_size=4,
         dtype=torch.bfloat16, device="cuda",
@@ -61,8 +64,8 @@ def engine_for(cache, mode: str, slots: int, chunk_blocks: int = 3) -> Engine:
 
 
 @pytest.mark.parametrize("launcher", ["inline", "thread"])
-@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
-@pytest.mark.parametrize("kind", ["LBNHC", "BLNHC", "mla"])
+@pytest.mark.parametrize("mode", ["staged", "dma", "zero_copy"])
+@pytest.mark.parametrize("kind", ["LBNHC", "LBHNC", "BLNHC", "mla", "kv_first"])
 def test_round_trip_bit_exact_in_chunks(monkeypatch, mode, kind, launcher):
     if launcher == "thread":  # every job through the launcher thread
         from pegaflow.engine import transfer
@@ -97,7 +100,7 @@ def _blocks_of_buffer(cache, buffer: torch.Tensor, ids) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
+@pytest.mark.parametrize("mode", ["staged", "dma", "zero_copy"])
 def test_scattered_slots_after_eviction_round_trip(mode):
     cache = make_cache("LBNHC")
     engine = engine_for(cache, mode, slots=8)
@@ -118,7 +121,7 @@ def test_scattered_slots_after_eviction_round_trip(mode):
         engine.close()
 
 
-@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
+@pytest.mark.parametrize("mode", ["staged", "dma", "zero_copy"])
 def test_save_reads_blocks_only_after_the_producer_event(mode):
     cache = make_cache("LBNHC")
     engine = engine_for(cache, mode, slots=64)
@@ -146,7 +149,7 @@ def test_save_reads_blocks_only_after_the_producer_event(mode):
         engine.close()
 
 
-@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
+@pytest.mark.parametrize("mode", ["staged", "dma", "zero_copy"])
 def test_a_consumer_stream_waiting_on_the_load_event_sees_the_blocks(mode):
     cache = make_cache("LBNHC")
     engine = engine_for(cache, mode, slots=64)
@@ -170,7 +173,7 @@ def test_a_consumer_stream_waiting_on_the_load_event_sees_the_blocks(mode):
         engine.close()
 
 
-@pytest.mark.parametrize("mode", ["staged", "zero_copy"])
+@pytest.mark.parametrize("mode", ["staged", "dma", "zero_copy"])
 def test_saves_and_loads_at_the_same_time(mode):
     cache = make_cache("LBNHC")
     engine = engine_for(cache, mode, slots=64)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 DEFAULT_STAGING_BYTES = 128 << 20
 # Threads that first-touch the pool: page faults are per-core work, 16 cores on the GPU host.
 DEFAULT_PIN_THREADS = min(16, os.cpu_count() or 1)
-SAVE_MODES = ("staged", "zero_copy")
+# "staged": gather into GPU staging, then DMA; "dma": saves by the copy engines alone (one 2D
+# copy per block), loads staged; "zero_copy": kernels read and write the pinned pool directly.
+SAVE_MODES = ("staged", "dma", "zero_copy")
 # vLLM's default block hash (sha256) is 32 bytes; xxhash variants are 8 or 16.
 DEFAULT_HASH_BYTES = 32
 

@@ -78,7 +78,8 @@ class Engine:
             if config.devices:
                 zero_copy = config.save_mode == "zero_copy"
                 for d in config.devices:
-                    self._lanes[d] = GpuLane(d, self.pool.tensor, config.staging_bytes, zero_copy)
+                    self._lanes[d] = GpuLane(d, self.pool.tensor, config.staging_bytes, zero_copy,
+                                             dma_saves=config.save_mode == "dma")
             else:
                 self._lanes[None] = CpuLane(self.pool.tensor)
         except BaseException:

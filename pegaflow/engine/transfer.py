@@ -4,9 +4,11 @@ A GPU lane has a save path and a load path that run at the same time, each on tw
 an SM stream for the short Triton gathers/scatters and a DMA stream for the copy-engine
 copies, through two GPU staging buffers so that gathering chunk k+1 overlaps the DMA of
 chunk k (``staged``). ``zero_copy`` has the kernel write (read) the pinned pool directly,
-one launch per chunk. Each path has a launcher thread that enqueues the work and a
-completion thread that waits for each job's event and reports it: the caller never blocks
-on the GPU, and an entry becomes READY only after its copy has completed.
+one launch per chunk. ``dma_saves`` has saves skip the SM: each block's pages go to its slot
+as a 2D copy on the copy engines (``dma.strided_plan``). Each path has a launcher thread
+that enqueues the work and a completion thread that waits for each job's event and reports
+it: the caller never blocks on the GPU, and an entry becomes READY only after its copy has
+completed.
 
 A CPU lane runs the torch reference copies in a thread per direction.
 """
@@ -215,12 +217,18 @@ class _Path:
 class GpuLane:
     """Saves and loads for the KV caches of one CUDA device."""
 
-    def __init__(self, device: int, pool: torch.Tensor, staging_bytes: int, zero_copy: bool) -> None:
+    def __init__(self, device: int, pool: torch.Tensor, staging_bytes: int, zero_copy: bool,
+                 dma_saves: bool = False) -> None:
         self.device = torch.device("cuda", device)
         self._pool = pool
         self._zero_copy = zero_copy
+        # Saves by the copy engines alone, where the KV cache's pages line up as strided rows
+        # (every vLLM layout does); others go through staging.
+        self._dma_saves = dma_saves and not zero_copy
         self._copier = copier_for(self.device)
         self._dma = dma.copy_async  # (dst address, src address, bytes, stream handle)
+        self._copy_2d = dma.Copier2D().copy  # used under the save path's launch lock only
+        self._plans: dict[tuple, tuple[dma.Rows, ...] | None] = {}  # by KVRegions.geometry
         with torch.cuda.device(self.device):
             self._paths = {d: _Path(d, self.device, staging_bytes) for d in (SAVE, LOAD)}
 
@@ -228,6 +236,8 @@ class GpuLane:
         """One staging chunk's worth of blocks if the path is idle (the engine then submits the
         first and last chunk apart, so copying starts and completes sooner), else None."""
         path = self._paths[direction]
+        if direction == SAVE and self._dma_saves:
+            return None  # nothing to overlap: no gather stage ahead of the copy
         with path.state_lock:
             idle = path.inflight == 0 and path.backlog == 0
         return self._per_chunk(path, slot_bytes) if idle else None
@@ -275,7 +285,11 @@ class GpuLane:
                 if self._zero_copy:
                     self._zero_copy_job(path, job)
                 elif job.direction == SAVE:
-                    self._staged_save(path, job)
+                    plan = self._plan(job.kv) if self._dma_saves else None
+                    if plan is not None:
+                        self._dma_save(path, job, plan)
+                    else:
+                        self._staged_save(path, job)
                 else:
                     self._staged_load(path, job)
                 event.record(path.dma if (job.direction == SAVE and not self._zero_copy) else path.sm)
@@ -334,6 +348,33 @@ class GpuLane:
                 for p in parts:
                     self._dma(pool + p.offset, rows[b] + (p.first - first) * slot, p.count * slot, stream)
                 path.free[b].record(path.dma)
+
+    def _plan(self, kv: KVRegions) -> tuple[dma.Rows, ...] | None:
+        key = kv.geometry
+        if key not in self._plans:
+            plan = dma.strided_plan(kv.geometry)
+            if plan is None:
+                logger.info("KV regions do not line up as strided rows: saves of this cache go through staging")
+            self._plans[key] = plan
+        return self._plans[key]
+
+    def _dma_save(self, path: _Path, job: CopyJob, plan: tuple[dma.Rows, ...]) -> None:
+        """Each block's pages straight into its slot, one 2D copy per row set: no SM work."""
+        self._check_slots(job)
+        stride = job.kv.regions[0].block_stride
+        pool, stream = self._pool.data_ptr(), path.dma.cuda_stream
+        if job.after_event is not None:
+            path.dma.wait_event(job.after_event)
+        copy_2d, copy_1d = self._copy_2d, self._dma
+        for rows in plan:
+            if rows.src_pitch == rows.width == rows.dst_pitch:  # touching rows: one run
+                n = rows.width * rows.height
+                for b, off in zip(job.block_ids, job.offsets):
+                    copy_1d(pool + off + rows.dst, rows.src + b * stride, n, stream)
+            else:
+                for b, off in zip(job.block_ids, job.offsets):
+                    copy_2d(pool + off + rows.dst, rows.dst_pitch, rows.src + b * stride, rows.src_pitch,
+                            rows.width, rows.height, stream)
 
     def _staged_load(self, path: _Path, job: CopyJob) -> None:
         self._check_slots(job)

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--staging-size", default=None,
                         help="GPU staging memory per device and direction (two halves: gathering chunk k+1 "
                         "overlaps the DMA of chunk k), e.g. 128mb (default: the engine's, 128 MiB)")
+    parser.add_argument("--save-path", choices=("dma", "staged", "zero_copy"), default="dma",
+                        help="how saves reach the pool: dma = the copy engines alone, one 2D copy per block, so "
+                        "the model's process keeps the SMs (default); staged = a short gather into GPU staging, "
+                        "then DMA (a few percent more bandwidth, more interference); zero_copy = kernels write "
+                        "pinned memory directly (in-process use only). Loads are staged unless zero_copy")
     parser.add_argument("--write-timeout", type=float, default=30.0,
                         help="seconds after which a block that some ranks never finished saving is reclaimed")
     return parser
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                              "--allow-remote")
         staging = {"staging_bytes": parse_size(args.staging_size)} if args.staging_size else {}
         engine_config = EngineConfig(pool_bytes=pool_bytes, devices=devices, write_timeout_s=args.write_timeout,
-                                     **staging)
+                                     save_mode=args.save_path, **staging)
     except ValueError as exc:
         raise SystemExit(f"pegaflow.server: {exc}") from None
     if cpu_reason:
