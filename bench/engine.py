@@ -172,7 +172,8 @@ def use_lane(engine: Engine, cases: list[Case], staging_bytes: int, mode: str) -
     if not CUDA:
         return  # the smoke run has one CPU lane
     engine._lanes[0].close()
-    engine._lanes[0] = GpuLane(0, engine.pool.tensor, staging_bytes, mode == "zero_copy", dma_saves=mode == "dma")
+    engine._lanes[0] = GpuLane(0, engine.pool.tensor, staging_bytes, mode == "zero_copy",
+                               dma_min_row=0 if mode == "dma" else None)
     for case in cases:
         engine.register_kv(case.name, 0, case.cache.regions)
 

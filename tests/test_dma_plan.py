@@ -60,7 +60,7 @@ def test_block_first_layouts_are_one_contiguous_run_per_block():
     cache = allocate_attention_kv_cache("BLNHC", num_layers=3, num_blocks=NUM_BLOCKS, num_kv_heads=2, head_size=8,
                                         block_size=4, dtype=torch.bfloat16)
     (rows,) = dma.strided_plan(cache.regions.geometry)
-    assert rows.src_pitch == rows.width == rows.dst_pitch and rows.width * rows.height == cache.regions.block_bytes
+    assert rows.contiguous and rows.run_bytes == cache.regions.block_bytes
 
 
 def _regions(offsets: list[int], page: int, stride: int, pages: list[int] | None = None) -> KVRegions:

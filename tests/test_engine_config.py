@@ -81,3 +81,14 @@ def test_instance_spec_validation():
             dataclasses.replace(SPEC, **change)
     assert dataclasses.replace(SPEC, tp_size=4, replicated=True).stored_ranks == 1
     assert dataclasses.replace(SPEC, tp_size=4).stored_ranks == 4
+
+
+def test_save_modes_choose_when_saves_go_by_dma_alone():
+    from pegaflow.engine.config import DMA_MIN_ROW_BYTES
+
+    assert EngineConfig(pool_bytes=1, save_mode="dma").dma_min_row == 0
+    assert EngineConfig(pool_bytes=1, save_mode="auto").dma_min_row == DMA_MIN_ROW_BYTES
+    assert EngineConfig(pool_bytes=1, save_mode="staged").dma_min_row is None
+    assert EngineConfig(pool_bytes=1, save_mode="zero_copy").dma_min_row is None
+    with pytest.raises(ValueError, match="save_mode"):
+        EngineConfig(pool_bytes=1, save_mode="fast")

@@ -72,6 +72,16 @@ class Rows:
     width: int
     height: int
 
+    @property
+    def contiguous(self) -> bool:
+        """The rows touch on both sides: one run of ``width * height`` bytes."""
+        return self.src_pitch == self.width == self.dst_pitch
+
+    @property
+    def run_bytes(self) -> int:
+        """The longest piece the copy engine moves in one go."""
+        return self.width * self.height if self.contiguous else self.width
+
 
 def strided_plan(geometry: tuple[tuple[int, ...], ...]) -> tuple[Rows, ...] | None:
     """One block's pages as at most two strided row sets, or None if the regions do not line up.

@@ -79,7 +79,7 @@ class Engine:
                 zero_copy = config.save_mode == "zero_copy"
                 for d in config.devices:
                     self._lanes[d] = GpuLane(d, self.pool.tensor, config.staging_bytes, zero_copy,
-                                             dma_saves=config.save_mode == "dma")
+                                             dma_min_row=config.dma_min_row)
             else:
                 self._lanes[None] = CpuLane(self.pool.tensor)
         except BaseException:

@@ -4,7 +4,7 @@ A GPU lane has a save path and a load path that run at the same time, each on tw
 an SM stream for the short Triton gathers/scatters and a DMA stream for the copy-engine
 copies, through two GPU staging buffers so that gathering chunk k+1 overlaps the DMA of
 chunk k (``staged``). ``zero_copy`` has the kernel write (read) the pinned pool directly,
-one launch per chunk. ``dma_saves`` has saves skip the SM: each block's pages go to its slot
+one launch per chunk. ``dma_min_row`` has saves skip the SM: each block's pages go to its slot
 as a 2D copy on the copy engines (``dma.strided_plan``). Each path has a launcher thread
 that enqueues the work and a completion thread that waits for each job's event and reports
 it: the caller never blocks on the GPU, and an entry becomes READY only after its copy has
@@ -218,13 +218,13 @@ class GpuLane:
     """Saves and loads for the KV caches of one CUDA device."""
 
     def __init__(self, device: int, pool: torch.Tensor, staging_bytes: int, zero_copy: bool,
-                 dma_saves: bool = False) -> None:
+                 dma_min_row: int | None = None) -> None:
         self.device = torch.device("cuda", device)
         self._pool = pool
         self._zero_copy = zero_copy
-        # Saves by the copy engines alone, where the KV cache's pages line up as strided rows
-        # (every vLLM layout does); others go through staging.
-        self._dma_saves = dma_saves and not zero_copy
+        # Saves by the copy engines alone where the KV cache's pages line up as strided rows
+        # (every vLLM layout does) at least dma_min_row bytes wide; others go through staging.
+        self._dma_min_row = None if zero_copy else dma_min_row
         self._copier = copier_for(self.device)
         self._dma = dma.copy_async  # (dst address, src address, bytes, stream handle)
         self._copy_2d = dma.Copier2D().copy  # used under the save path's launch lock only
@@ -236,8 +236,8 @@ class GpuLane:
         """One staging chunk's worth of blocks if the path is idle (the engine then submits the
         first and last chunk apart, so copying starts and completes sooner), else None."""
         path = self._paths[direction]
-        if direction == SAVE and self._dma_saves:
-            return None  # nothing to overlap: no gather stage ahead of the copy
+        if direction == SAVE and self._dma_min_row is not None:
+            return None  # DMA saves have no gather stage to overlap (staged ones run whole)
         with path.state_lock:
             idle = path.inflight == 0 and path.backlog == 0
         return self._per_chunk(path, slot_bytes) if idle else None
@@ -285,7 +285,7 @@ class GpuLane:
                 if self._zero_copy:
                     self._zero_copy_job(path, job)
                 elif job.direction == SAVE:
-                    plan = self._plan(job.kv) if self._dma_saves else None
+                    plan = self._plan(job.kv) if self._dma_min_row is not None else None
                     if plan is not None:
                         self._dma_save(path, job, plan)
                     else:
@@ -355,6 +355,10 @@ class GpuLane:
             plan = dma.strided_plan(kv.geometry)
             if plan is None:
                 logger.info("KV regions do not line up as strided rows: saves of this cache go through staging")
+            elif min(r.run_bytes for r in plan) < self._dma_min_row:
+                logger.info("KV rows of %d bytes are narrower than %d: saves of this cache go through staging",
+                            min(r.run_bytes for r in plan), self._dma_min_row)
+                plan = None
             self._plans[key] = plan
         return self._plans[key]
 
@@ -367,8 +371,8 @@ class GpuLane:
             path.dma.wait_event(job.after_event)
         copy_2d, copy_1d = self._copy_2d, self._dma
         for rows in plan:
-            if rows.src_pitch == rows.width == rows.dst_pitch:  # touching rows: one run
-                n = rows.width * rows.height
+            if rows.contiguous:
+                n = rows.run_bytes
                 for b, off in zip(job.block_ids, job.offsets):
                     copy_1d(pool + off + rows.dst, rows.src + b * stride, n, stream)
             else:
