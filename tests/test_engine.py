@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from pegaflow.engine import Engine, EngineConfig, InstanceSpec, TransferResult
-from pegaflow.engine.transfer import LOAD
+from pegaflow.engine import transfer
+from pegaflow.engine.handle import TransferHandle
+from pegaflow.engine.transfer import LOAD, SAVE, CopyJob, CpuLane
 from pegaflow.kernels.layouts import allocate_attention_kv_cache, allocate_kv_first_cache, allocate_mla_kv_cache
 
 NUM_BLOCKS = 24
@@ -68,7 +70,9 @@ def reset(cache) -> torch.Tensor:
         ),
     ],
 )
-def test_save_then_load_round_trips_bit_exact(engine, make):
+@pytest.mark.parametrize("inline_pages", [0, 1 << 20], ids=["thread-reference", "inline-by-address"])
+def test_save_then_load_round_trips_bit_exact(engine, make, inline_pages, monkeypatch):
+    monkeypatch.setattr(transfer, "CPU_INLINE_PAGES", inline_pages)  # the CPU lane's two copy paths
     cache = make()
     engine.register_instance(spec_for(cache))
     engine.register_kv("vllm-0", 0, cache.regions)
@@ -183,6 +187,46 @@ def test_load_of_missing_blocks_fails_for_them_and_loads_the_rest(engine):
     assert not result.ok and result.missing == (1,) and result.num_blocks == 2 and "not held" in result.error
     assert [block_bytes_of(cache, 10), block_bytes_of(cache, 12)] == expected
     assert engine.stats()["load_missing"] == 1
+
+
+def test_cpu_lane_copies_small_jobs_on_the_callers_thread_and_queues_behind_a_busy_worker(engine):
+    cache = llama_like()
+    engine.register_instance(spec_for(cache))
+    engine.register_kv("vllm-0", 0, cache.regions)
+    reset(cache)
+    hs = hashes(2)
+    assert engine.save("vllm-0", 0, [0], hs[:1]).done()  # copied before save() returned
+    gate = _gate(engine, SAVE)
+    try:
+        handle = engine.save("vllm-0", 0, [1], hs[1:])
+        assert not handle.done()  # behind the gate: in order on the worker
+    finally:
+        gate.set()
+    assert handle.wait(10).ok
+    expected = [block_bytes_of(cache, b) for b in (0, 1)]
+    reset(cache)
+    assert engine.load("vllm-0", 0, [5, 6], hs).wait(10).ok
+    assert [block_bytes_of(cache, b) for b in (5, 6)] == expected
+
+
+@pytest.mark.parametrize("ids, offsets", [([0], [-256]), ([0], [1 << 20]), ([NUM_BLOCKS], [0]), ([-1], [0]),
+                                          ([0, 1], [0])])
+@pytest.mark.parametrize("direction", [SAVE, LOAD])
+def test_cpu_lane_inline_copy_checks_ids_and_slots_before_touching_memory(ids, offsets, direction):
+    cache = llama_like()
+    before = reset(cache)
+    pool = torch.randint(-128, 128, (1 << 20,), dtype=torch.int8).view(torch.uint8)
+    pool_before = pool.clone()
+    slot = -(-cache.regions.block_bytes // 256) * 256
+    outcome: list[tuple[bool, str | None]] = []
+    lane = CpuLane(pool)
+    try:
+        lane.submit(CopyJob(direction, cache.regions, ids, offsets, slot, TransferHandle(),
+                            lambda ok, error: outcome.append((ok, error))))
+    finally:
+        lane.close()
+    assert len(outcome) == 1 and not outcome[0][0] and "ValueError" in outcome[0][1]
+    assert torch.equal(cache.buffer, before) and torch.equal(pool, pool_before)
 
 
 def _gate(engine: Engine, direction: str) -> threading.Event:

@@ -7,6 +7,7 @@ events (expiry before completion) is exact rather than raced.
 from __future__ import annotations
 
 import os
+import threading
 
 import msgpack
 import torch
@@ -140,3 +141,22 @@ def test_shutdown_fails_jobs_still_in_flight_with_a_message():
     assert pushed["job_id"] == 3 and pushed["ok"] is False and "shut down" in pushed["error"]
     service.close_all()
     assert service.open_mappings == 0
+
+
+def test_a_completion_on_the_loop_thread_wakes_nothing_one_on_an_engine_thread_wakes_the_loop():
+    service, engine, _ = setup()
+    wakes: list[int] = []
+    service._wake = lambda: wakes.append(1)
+    assert save(service, 0.0, job_id=1)["ok"]
+    engine.finish()  # on this thread: the loop's (it built the service)
+    assert wakes == [] and service.has_completions
+    (_, frame), = service.completions()
+    assert msgpack.unpackb(frame)["job_id"] == 1 and not service.has_completions
+    assert save(service, 0.0, job_id=2)["ok"]
+    finisher = threading.Thread(target=engine.handles[-1]._complete,
+                                args=(TransferResult(ok=True, num_blocks=1, nbytes=256),))
+    finisher.start()
+    finisher.join()
+    assert wakes == [1]
+    (_, frame), = service.completions()
+    assert msgpack.unpackb(frame)["job_id"] == 2

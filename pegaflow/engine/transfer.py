@@ -10,11 +10,13 @@ that enqueues the work and a completion thread that waits for each job's event a
 it: the caller never blocks on the GPU, and an entry becomes READY only after its copy has
 completed.
 
-A CPU lane runs the torch reference copies in a thread per direction.
+A CPU lane copies small jobs by address on the caller's thread and runs the torch reference
+copies of larger ones in a thread per direction.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -42,6 +44,11 @@ LOAD = "load"
 # ceiling, their steady state 1.00). The bound keeps the GPU queue short, so the caller
 # never blocks on it; a queued job's launches may.
 INLINE_MAX_CHUNKS = 64
+
+# A CPU job of at most this many pages (blocks x regions) is copied by address, one memmove
+# each (~1 us), on the caller's thread when its direction is idle: a thread hand-off and the
+# torch reference's per-region indexing (~200 us for one block) cost more than such a copy.
+CPU_INLINE_PAGES = 256
 
 # The save and load launchers of every lane enqueue Triton kernels from their own threads;
 # Triton's JIT cache (first-call compilation) is not documented as thread-safe, and a launch
@@ -115,11 +122,19 @@ class _Worker:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._count_lock = threading.Lock()
+        self._busy = 0  # items queued or running
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def put(self, item: Callable[[], None]) -> None:
+        with self._count_lock:
+            self._busy += 1
         self._queue.put(item)
+
+    def idle(self) -> bool:
+        """Nothing queued or running (a snapshot: another thread may put an item next)."""
+        return self._busy == 0
 
     def close(self) -> None:
         self._queue.put(None)
@@ -134,6 +149,9 @@ class _Worker:
                 item()
             except Exception:  # a bug in bookkeeping must not stop the lane
                 logger.exception("engine worker %s: task failed", self._thread.name)
+            finally:
+                with self._count_lock:
+                    self._busy -= 1
 
 
 def _fail(job: CopyJob, exc: BaseException) -> None:
@@ -142,35 +160,74 @@ def _fail(job: CopyJob, exc: BaseException) -> None:
 
 
 class CpuLane:
-    """Reference copies between CPU KV caches and the (unpinned) pool."""
+    """Copies between CPU KV caches and the (unpinned) pool.
+
+    A small job (at most CPU_INLINE_PAGES pages) whose direction has nothing queued is copied
+    by address on the caller's thread: in the server that is the loop, which then pushes the
+    completion at once, with no thread hand-off and no wake-up. Larger jobs go to the
+    direction's thread and the torch reference copies.
+    """
 
     def __init__(self, pool: torch.Tensor) -> None:
         self._pool = pool
+        self._pool_ptr = pool.data_ptr()
         self._workers = {SAVE: _Worker("pegaflow-cpu-save"), LOAD: _Worker("pegaflow-cpu-load")}
 
     def submit(self, job: CopyJob) -> None:
-        self._workers[job.direction].put(lambda: self._run(job))
+        worker = self._workers[job.direction]
+        if len(job.offsets) * len(job.kv.regions) <= CPU_INLINE_PAGES and worker.idle():
+            self._run(job, inline=True)
+        else:
+            worker.put(lambda: self._run(job))
 
     def head_blocks(self, direction: str, slot_bytes: int) -> int | None:
         """Blocks the engine may book and submit apart at each end (None: all at once)."""
         return None
 
-    def _run(self, job: CopyJob) -> None:
-        from pegaflow.kernels import reference
-
+    def _run(self, job: CopyJob, inline: bool = False) -> None:
         try:
-            for p in pieces(job.offsets, job.slot_bytes, len(job.offsets)):
-                ids = job.block_ids[p.first : p.first + p.count]
-                dst = self._pool[p.offset : p.offset + p.count * job.slot_bytes]
-                slots = list(range(p.count))
-                if job.direction == SAVE:
-                    reference.gather_into_slots(job.kv, ids, dst, slots, job.slot_bytes)
-                else:
-                    reference.scatter_from_slots(job.kv, ids, dst, slots, job.slot_bytes)
+            if inline:
+                self._copy_pages(job)
+            else:
+                self._copy_reference(job)
         except Exception as exc:
             _fail(job, exc)
             return
         job.finish(True, None)
+
+    def _copy_pages(self, job: CopyJob) -> None:
+        """One memmove per (block, region) page; everything checked first, as the kernels do."""
+        kv, ids, offsets, slot = job.kv, job.block_ids, job.offsets, job.slot_bytes
+        bases, strides, pages, page_offsets = kv.geometry
+        if not ids:
+            return
+        if len(ids) != len(offsets) or min(ids) < 0 or max(ids) >= kv.num_blocks:
+            raise ValueError(f"block ids {min(ids)}..{max(ids)} (x{len(ids)}) for {len(offsets)} slots: "
+                             f"out of range [0, {kv.num_blocks}) or not one per slot")
+        if min(offsets) < 0 or max(offsets) + slot > self._pool.numel() or kv.block_bytes > slot:
+            raise ValueError(f"slot offsets {min(offsets)}..{max(offsets)} (+{slot}) fall outside the pool's "
+                             f"{self._pool.numel()} bytes, or a slot is smaller than a block ({kv.block_bytes})")
+        geometry = list(zip(bases, strides, pages, page_offsets))
+        pool, move, save = self._pool_ptr, ctypes.memmove, job.direction == SAVE
+        for block, offset in zip(ids, offsets):
+            at = pool + offset
+            for base, stride, page, page_offset in geometry:
+                if save:
+                    move(at + page_offset, base + block * stride, page)
+                else:
+                    move(base + block * stride, at + page_offset, page)
+
+    def _copy_reference(self, job: CopyJob) -> None:
+        from pegaflow.kernels import reference
+
+        for p in pieces(job.offsets, job.slot_bytes, len(job.offsets)):
+            ids = job.block_ids[p.first : p.first + p.count]
+            dst = self._pool[p.offset : p.offset + p.count * job.slot_bytes]
+            slots = list(range(p.count))
+            if job.direction == SAVE:
+                reference.gather_into_slots(job.kv, ids, dst, slots, job.slot_bytes)
+            else:
+                reference.scatter_from_slots(job.kv, ids, dst, slots, job.slot_bytes)
 
     def close(self) -> None:
         for worker in self._workers.values():

@@ -138,6 +138,7 @@ class ServerLoop:
         """Serve until a stop request, then shut down cleanly."""
         router, service = self.router, self.service
         assert router is not None, "bind() first"
+        service.loop_thread = threading.get_ident()
         period = service.heartbeat_s
         router.setsockopt(zmq.RCVTIMEO, max(1, int(period * 1000)))
         next_sweep = time.monotonic() + period
@@ -212,6 +213,8 @@ class ServerLoop:
         if reply is not None:
             self._send(identity, reply, keep=False)
         service.start_deferred()
+        if service.has_completions:  # transfers that completed on this thread: no wake-up came
+            self._push(service.completions())
         pending = service.take_pending(identity)
         if pending:
             self._push([(identity, frame) for frame in pending])

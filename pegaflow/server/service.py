@@ -2,15 +2,18 @@
 
 :meth:`Service.handle_frame` takes one raw frame from a client and returns the reply frame
 (or None): it decodes and validates the request, checks it against the sessions, instances
-and registrations, and only then calls the engine. The engine's completion callbacks run on
-its threads; they queue the result and wake the loop, which calls :meth:`Service.completions`
-from its own thread. Everything else runs on the loop's thread, so no locks.
+and registrations, and only then calls the engine. The engine's completion callbacks queue the
+result; from an engine thread they also wake the loop, which calls :meth:`Service.completions`
+from its own thread. A transfer that completes on the loop's thread itself (a small CPU copy)
+wakes nothing: the loop pushes its completion right after serving the request. Everything
+else runs on the loop's thread, so no locks.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +76,9 @@ class Service:
         self.open_mappings = 0
         self._lost_jobs: dict[bytes, list[int]] = {}  # expired sessions' jobs in flight, by identity
         self._wake = wake
+        # The thread that serves (the one that built the service; the loop sets it when it
+        # runs): a completion on it needs no wake-up.
+        self.loop_thread = threading.get_ident()
         self._done: collections.deque = collections.deque()  # appended from engine threads
         self._deferred: collections.deque = collections.deque()  # transfers accepted, to start
         self._handlers: dict[type, Callable] = {
@@ -112,6 +118,10 @@ class Service:
             logger.exception("request from %r failed", identity)
             self.counters.errors[P.INTERNAL] += 1
             return P.error_reply(getattr(request, "id", None), P.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    @property
+    def has_completions(self) -> bool:
+        return bool(self._done)
 
     def completions(self) -> list[tuple[bytes, bytes]]:
         """(identity, frame) of each finished job, for sessions still alive."""
@@ -449,9 +459,11 @@ class Service:
         return event
 
     def _on_done(self, session_id: bytes, job_id: int, result: Any) -> None:
-        """Engine thread: queue the result and wake the loop."""
+        """Queue the result; from an engine thread, wake the loop (on the loop's own thread
+        it pushes the completion after serving the current request)."""
         self._done.append((session_id, job_id, result, time.monotonic()))
-        self._wake()
+        if threading.get_ident() != self.loop_thread:
+            self._wake()
 
     def _job_finished(self, job: Job, result: Any, finished: float) -> None:
         c, kind = self.counters, job.kind

@@ -1,0 +1,335 @@
+"""Round trips of ONE block through the whole stack, and where their time goes.
+
+Two drivers against a real server process: the client (``save``/``load`` then
+``poll_completions`` until the job's completion) and the connector's worker side
+(``wait_for_save``/``start_load_kv`` then ``collect`` until the job shows up, as
+bench/e2e_figures.py ``_await`` does). ``health`` is the bare request/reply round trip of
+the same stack; the ceiling of a save or load is that plus the copy (negligible for one
+block in CPU mode).
+
+``--profile`` runs the server in a child process with time stamps around each stage
+(monkeypatched here, the library has no tracing) and prints the median time of every hop
+of a client save and load: client send -> server recv -> reply -> engine booking -> copy ->
+completion hand-off -> push -> client. Stamps on both sides use CLOCK_MONOTONIC
+(perf_counter_ns), shared by the processes of one host.
+
+    python bench/roundtrip.py --json /tmp/rt.json            # CPU mode
+    python bench/roundtrip.py --device cuda:0 --json rt.json  # GPU server and KV cache
+    python bench/roundtrip.py --profile                       # the per-hop breakdown
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Row, arg_parser, print_table, write_json  # noqa: E402
+
+from pegaflow.client import PegaClient  # noqa: E402
+
+PAGE = 4096
+BLOCKS = 64
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# ---- drivers ---------------------------------------------------------------------------------
+
+
+def client_driver(endpoint: str, device: str) -> tuple[PegaClient, Callable[[], None], Callable[[], None], Any]:
+    client = PegaClient(endpoint, timeout_s=10.0, name="roundtrip")
+    client.register_instance("rt", model="rt", kv_dtype="int8", layout="LBNHC", block_size=16, page_bytes=[PAGE, PAGE])
+    backing = torch.randint(-128, 128, (2, BLOCKS, PAGE), dtype=torch.int8, device=device)
+    client.register_kv_caches("rt", 0, backing, [(0, PAGE, PAGE), (BLOCKS * PAGE, PAGE, PAGE)], BLOCKS)
+    held = [os.urandom(32)]
+    client.save("rt", 0, 1, [5], held)
+    wait_job(client, 1)
+    jobs = iter(range(100, 1 << 40))
+    event = torch.cuda.Event(interprocess=True) if device != "cpu" else None
+
+    def wait_job_(job: int) -> None:
+        wait_job(client, job)
+
+    def save() -> None:
+        job = next(jobs)
+        if event is not None:
+            event.record()
+        client.save("rt", 0, job, [3], [os.urandom(32)], event=event)
+        wait_job_(job)
+
+    def load() -> None:
+        job = next(jobs)
+        client.load("rt", 0, job, [7], held)
+        wait_job_(job)
+
+    return client, save, load, backing
+
+
+def wait_job(client: PegaClient, job_id: int) -> None:
+    while True:
+        for done in client.poll_completions(timeout_s=5.0):
+            if done.job_id == job_id:
+                if not done.ok:
+                    raise RuntimeError(f"job {job_id} failed: {done.error}")
+                return
+
+
+def worker_driver(endpoint: str, device: str) -> tuple[Any, Callable[[], None], Callable[[], None]]:
+    from e2e_shapes import SMOKE, build_rank_cache
+
+    from pegaflow.connector.config import ConnectorSettings
+    from pegaflow.connector.link import EngineLink
+    from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
+    from pegaflow.connector.worker_side import ConnectorWorker, InstanceGeometry
+
+    settings = ConnectorSettings(endpoint=endpoint, instance_id="rt-worker", rpc_timeout_s=10.0,
+                                 transfer_timeout_s=60.0)
+    geometry = InstanceGeometry("rt-worker", "smoke", "auto:bfloat16", "LBNHC", SMOKE.block_size, 1, False)
+    worker = ConnectorWorker(settings, EngineLink(settings, "roundtrip"), geometry, rank=0)
+    cache = build_rank_cache(SMOKE, "LBNHC", BLOCKS, 1, device)
+    worker.register_kv_caches(cache.kv_caches, cache.kv_cache_config)
+    if not worker._registered:
+        raise RuntimeError("the worker could not register its KV cache (see the log)")
+    held = (os.urandom(32),)
+    jobs = iter(range(1 << 40, 1 << 41))
+
+    def await_save(job: int) -> None:
+        while True:
+            worker.collect(0.05)
+            meta = worker.take_worker_meta()
+            if meta and job in meta.saves_done:
+                if meta.saves_failed:
+                    raise RuntimeError(f"save {job} failed")
+                return
+
+    def await_load(req: str) -> None:
+        while True:
+            worker.collect(0.05)
+            finished, failed = worker.take_transfer_results()
+            if req in finished:
+                if req in failed:
+                    raise RuntimeError(f"load {req} failed")
+                return
+
+    def save_with(hashes: tuple[bytes, ...]) -> None:
+        job = next(jobs)
+        worker.bind(PegaConnectorMetadata(save=SaveJob(job, (3,), hashes)))
+        worker.wait_for_save()
+        worker.clear()
+        await_save(job)
+
+    def load() -> None:
+        job = next(jobs)
+        req = f"r{job}"
+        worker.bind(PegaConnectorMetadata(loads=[LoadJob(job, req, (7,), held)]))
+        worker.start_load_kv()
+        worker.clear()
+        await_load(req)
+
+    save_with(held)
+    return worker, lambda: save_with((os.urandom(32),)), load
+
+
+def timed(fn: Callable[[], None], count: int) -> list[float]:
+    out = []
+    for _ in range(count):
+        t0 = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+# ---- the traced server (--profile) -----------------------------------------------------------
+
+
+def traced_server(endpoint: str, device: str, out_path: str, ready: Any) -> None:
+    """A server in this process with stamps around its stages; dumps them on SIGTERM."""
+    import pickle
+
+    from pegaflow.engine import Engine, EngineConfig
+    from pegaflow.engine import engine as engine_mod
+    from pegaflow.engine import transfer
+    from pegaflow.server import service as service_mod
+    from pegaflow.server.loop import ServerLoop, LoopConfig
+
+    stamps: list[tuple[str, int]] = []
+    now = time.perf_counter_ns
+
+    def wrap(owner: Any, name: str, before: str | None, after: str | None) -> None:
+        fn = getattr(owner, name)
+
+        def traced(*args: Any, **kwargs: Any) -> Any:
+            if before:
+                stamps.append((before, now()))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                if after:
+                    stamps.append((after, now()))
+
+        setattr(owner, name, traced)
+
+    devices = () if device == "cpu" else (torch.device(device).index or 0,)
+    engine = Engine(EngineConfig(pool_bytes=64 << 20, devices=devices))
+    server = ServerLoop(LoopConfig(endpoint=endpoint, tcp=None, client_timeout_s=30.0), engine, devices)
+    server.bind()
+    router = server.router
+    recv = router.recv_multipart
+
+    def traced_recv(*args: Any, **kwargs: Any) -> Any:
+        parts = recv(*args, **kwargs)
+        stamps.append(("wake_recv" if parts[0] == b"\xffpegaflow-wake" else "srv_recv", now()))
+        return parts
+
+    router.recv_multipart = traced_recv
+    send = router.send_multipart
+
+    def traced_send(parts: Any, *args: Any, **kwargs: Any) -> Any:
+        out = send(parts, *args, **kwargs)
+        stamps.append(("srv_sent", now()))
+        return out
+
+    router.send_multipart = traced_send
+    wrap(service_mod.P, "decode_request", None, "decoded")
+    wrap(server.service, "handle_frame", None, "handled")
+    wrap(engine, "save", "engine_in", "engine_out")
+    wrap(engine, "load", "engine_in", "engine_out")
+    wrap(engine.index, "prepare_save", None, "booked")
+    wrap(engine.index, "prepare_load", None, "booked")
+    wrap(engine.index, "complete_save", "finish_in", None)
+    wrap(engine.index, "unpin", "finish_in", None)
+    for lane in engine._lanes.values():
+        if isinstance(lane, transfer.CpuLane):
+            wrap(lane, "_run", "copy_in", "copy_out")
+    wrap(server.service, "_on_done", "on_done", None)
+    wrap(server, "wake", None, "woken")
+    wrap(server.service, "completions", None, "completions")
+    del engine_mod
+    signal.signal(signal.SIGTERM, server.request_stop)
+    ready.put(True)
+    server.run()
+    with open(out_path, "wb") as f:
+        pickle.dump(stamps, f)
+
+
+def profile(device: str, n: int) -> dict[str, Any]:
+    workdir = tempfile.mkdtemp(prefix="rt-")
+    endpoint, out_path = f"ipc://{workdir}/s.sock", f"{workdir}/stamps.pkl"
+    ctx = mp.get_context("spawn")
+    ready = ctx.Queue()
+    proc = ctx.Process(target=traced_server, args=(endpoint, device, out_path, ready))
+    proc.start()
+    ready.get(timeout=120)
+    client, save, load, _backing = client_driver(endpoint, device)
+    client_stamps: dict[str, list[tuple[str, int]]] = {"save": [], "load": []}
+    for kind, fn in (("save", save), ("load", load)):
+        timed(fn, 50)
+    now = time.perf_counter_ns
+    sock_send = None
+    for kind, fn in (("save", save), ("load", load)):
+        for _ in range(n):
+            t0 = now()
+            fn()
+            client_stamps[kind].append(("cli_call", t0))
+            client_stamps[kind].append(("cli_done", now()))
+    del sock_send
+    client.close()
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(60)
+    import pickle
+
+    with open(out_path, "rb") as f:
+        stamps = pickle.load(f)
+    return breakdown(stamps, client_stamps, n)
+
+
+def breakdown(stamps: list[tuple[str, int]], client_stamps: dict[str, list[tuple[str, int]]], n: int) -> dict:
+    """Median microseconds between consecutive stamps of each timed request, by hop."""
+    # The timed requests are the last 2n of the server's jobs (each: a request, a completion).
+    calls = {k: [t for name, t in v if name == "cli_call"] for k, v in client_stamps.items()}
+    dones = {k: [t for name, t in v if name == "cli_done"] for k, v in client_stamps.items()}
+    out: dict[str, Any] = {}
+    for kind in ("save", "load"):
+        hops: dict[str, list[float]] = {}
+        totals = []
+        for t0, t1 in zip(calls[kind], dones[kind]):
+            inside = [(name, t) for name, t in stamps if t0 <= t <= t1]
+            seq = [("cli_call", t0), *inside, ("cli_done", t1)]
+            totals.append((t1 - t0) / 1e3)
+            for (a, ta), (b, tb) in zip(seq, seq[1:]):
+                hops.setdefault(f"{a} -> {b}", []).append((tb - ta) / 1e3)
+        out[kind] = {"total_p50_us": round(statistics.median(totals), 1),
+                     "hops": {h: {"p50_us": round(statistics.median(v), 1), "count": len(v)}
+                              for h, v in hops.items()}}
+    return out
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = arg_parser(__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda:N (server on that GPU, caches on it)")
+    parser.add_argument("-n", type=int, default=1000, help="round trips per row")
+    parser.add_argument("--profile", action="store_true", help="print the per-hop breakdown instead")
+    args = parser.parse_args()
+    if args.profile:
+        result = profile(args.device, args.n)
+        for kind, res in result.items():
+            print(f"\n{kind}: total p50 {res['total_p50_us']} us")
+            for hop, v in res["hops"].items():
+                if v["count"] >= args.n // 2:
+                    print(f"  {hop:32s} {v['p50_us']:8.1f} us  ({v['count']})")
+        write_json(args.json, "roundtrip_profile", [], {"profile": result})
+        return
+    from pegaflow.server.spawn import ServerProcess
+
+    server_device = "cpu" if args.device == "cpu" else str(torch.device(args.device).index or 0)
+    server = ServerProcess(pool_size="256mb", client_timeout=30.0, device=server_device)
+    rows: list[Row] = []
+    results: dict[str, Any] = {}
+    try:
+        client, c_save, c_load, _backing = client_driver(server.ipc, args.device)
+        worker, w_save, w_load = worker_driver(server.ipc, args.device)
+        ops = {("client", "health"): lambda: client.health(), ("client", "save-1-block"): c_save,
+               ("client", "load-1-block"): c_load, ("worker", "save-1-block"): w_save,
+               ("worker", "load-1-block"): w_load}
+        samples: dict[tuple[str, str], list[float]] = {k: [] for k in ops}
+        for fn in ops.values():
+            timed(fn, 50)
+        for _ in range(10):  # interleaved, so that every row sees the same machine load
+            for key, fn in ops.items():
+                samples[key] += timed(fn, max(1, args.n // 10))
+        health = pct(samples[("client", "health")], 0.5)
+        for (driver, op), values in samples.items():
+            p50, p99 = pct(values, 0.5), pct(values, 0.99)
+            results[f"{driver}/{op}"] = {"p50_us": round(p50, 1), "p99_us": round(p99, 1),
+                                         "mean_us": round(statistics.fmean(values), 1), "samples": len(values)}
+            for q, value in (("p50", p50), ("p99", p99)):
+                rows.append(Row(config=driver, direction=op, method=f"{q} us (ceiling: health p50)", ours=True,
+                                value=round(value, 1), unit="us", ceiling=round(health, 1),
+                                ratio=round(health / value, 3)))
+        worker.shutdown()
+        client.close()
+    finally:
+        server.stop()
+    print_table(rows)
+    write_json(args.json, "roundtrip", rows, {"device": args.device, "results": results})
+
+
+if __name__ == "__main__":
+    main()
