@@ -37,6 +37,7 @@ from gather_scatter import CONFIGS  # noqa: E402
 from pegaflow.engine import Engine, EngineConfig, InstanceSpec  # noqa: E402
 from pegaflow.engine.config import DEFAULT_STAGING_BYTES  # noqa: E402
 from pegaflow.engine.pool import PinnedPool  # noqa: E402
+from pegaflow.engine import transfer  # noqa: E402
 from pegaflow.engine.transfer import GpuLane  # noqa: E402
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -185,6 +186,8 @@ def main() -> None:
     parser.add_argument("--cache-gib", type=float, default=4.0, help="least KV cache size per config")
     parser.add_argument("--burst-gib", type=float, default=1.0, help="least bytes per timed burst, each way")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--head-chunks", type=int, default=None,
+                        help="override transfer.HEAD_CHUNKS (staging chunks booked apart at each end of a transfer)")
     parser.add_argument("--modes", default="staged,dma,zero_copy",
                         help="save modes to measure (dma: saves by the copy engines alone, loads staged)")
     parser.add_argument("--sweep", default="4,8,16,32,64,128", help="staging MiB to sweep ('' to skip)")
@@ -194,6 +197,8 @@ def main() -> None:
         log("no CUDA device: a tiny smoke run through the CPU engine; it measures NOTHING")
         args.blocks, args.cache_gib, args.burst_gib, args.repeat = 8, 0.0, 0.0, 1
 
+    if args.head_chunks is not None:
+        transfer.HEAD_CHUNKS = args.head_chunks
     names = [n for n in args.configs.split(",") if n]
     transfer_max = max(args.blocks * CONFIGS[n].block_bytes for n in names)
     burst = {n: max(2, math.ceil(args.burst_gib * GIB / (args.blocks * CONFIGS[n].block_bytes))) for n in names}

@@ -67,9 +67,10 @@ def engine_for(cache, mode: str, slots: int, chunk_blocks: int = 3) -> Engine:
 @pytest.mark.parametrize("mode", ["staged", "dma", "zero_copy"])
 @pytest.mark.parametrize("kind", ["LBNHC", "LBHNC", "BLNHC", "mla", "kv_first"])
 def test_round_trip_bit_exact_in_chunks(monkeypatch, mode, kind, launcher):
-    if launcher == "thread":  # every job through the launcher thread
-        from pegaflow.engine import transfer
+    from pegaflow.engine import transfer
 
+    monkeypatch.setattr(transfer, "HEAD_CHUNKS", 1)  # 11 blocks in chunks of 3: pieces of 3, 5 and 3
+    if launcher == "thread":  # every job through the launcher thread
         monkeypatch.setattr(transfer, "INLINE_MAX_CHUNKS", 0)
     cache = make_cache(kind)
     engine = engine_for(cache, mode, slots=64)

@@ -10,8 +10,7 @@ that enqueues the work and a completion thread that waits for each job's event a
 it: the caller never blocks on the GPU, and an entry becomes READY only after its copy has
 completed.
 
-A CPU lane copies small jobs by address on the caller's thread and runs the torch reference
-copies of larger ones in a thread per direction.
+A CPU lane runs the torch reference copies in a thread per direction.
 """
 
 from __future__ import annotations
@@ -290,14 +289,15 @@ class GpuLane:
             self._paths = {d: _Path(d, self.device, staging_bytes) for d in (SAVE, LOAD)}
 
     def head_blocks(self, direction: str, slot_bytes: int) -> int | None:
-        """One staging chunk's worth of blocks if the path is idle (the engine then submits the
-        first and last chunk apart, so copying starts and completes sooner), else None."""
+        """HEAD_CHUNKS staging chunks' worth of blocks if the path is idle (the engine then
+        submits the first and last ones apart, so copying starts and completes sooner), else
+        None."""
         path = self._paths[direction]
         if direction == SAVE and self._dma_min_row is not None:
             return None  # DMA saves have no gather stage to overlap (staged ones run whole)
         with path.state_lock:
             idle = path.inflight == 0 and path.backlog == 0
-        return self._per_chunk(path, slot_bytes) if idle else None
+        return HEAD_CHUNKS * self._per_chunk(path, slot_bytes) if idle else None
 
     def new_event(self) -> torch.cuda.Event:
         # blocking: the completion thread sleeps in synchronize() instead of spinning a core.
