@@ -50,6 +50,14 @@ def pct(values: list[float], q: float) -> float:
 # ---- drivers ---------------------------------------------------------------------------------
 
 
+STAMPS: list[tuple[str, int]] | None = None  # --profile: the client's own stamps
+
+
+def _stamp(name: str) -> None:
+    if STAMPS is not None:
+        STAMPS.append((name, time.perf_counter_ns()))
+
+
 def client_driver(endpoint: str, device: str) -> tuple[PegaClient, Callable[[], None], Callable[[], None], Any]:
     client = PegaClient(endpoint, timeout_s=10.0, name="roundtrip")
     client.register_instance("rt", model="rt", kv_dtype="int8", layout="LBNHC", block_size=16, page_bytes=[PAGE, PAGE])
@@ -69,11 +77,13 @@ def client_driver(endpoint: str, device: str) -> tuple[PegaClient, Callable[[], 
         if event is not None:
             event.record()
         client.save("rt", 0, job, [3], [os.urandom(32)], event=event)
+        _stamp("cli_replied")
         wait_job_(job)
 
     def load() -> None:
         job = next(jobs)
         client.load("rt", 0, job, [7], held)
+        _stamp("cli_replied")
         wait_job_(job)
 
     return client, save, load, backing
@@ -161,7 +171,6 @@ def traced_server(endpoint: str, device: str, out_path: str, ready: Any) -> None
     import pickle
 
     from pegaflow.engine import Engine, EngineConfig
-    from pegaflow.engine import engine as engine_mod
     from pegaflow.engine import transfer
     from pegaflow.server import service as service_mod
     from pegaflow.server.loop import ServerLoop, LoopConfig
@@ -215,13 +224,21 @@ def traced_server(endpoint: str, device: str, out_path: str, ready: Any) -> None
     for lane in engine._lanes.values():
         if isinstance(lane, transfer.CpuLane):
             wrap(lane, "_run", "copy_in", "copy_out")
+        elif isinstance(lane, transfer.GpuLane):
+            wrap(lane, "_launch_locked", "launch_in", "launch_out")
+            wrap(lane, "_done", "synced", None)  # the completion thread's event wait returned
     wrap(server.service, "_on_done", "on_done", None)
     wrap(server, "wake", None, "woken")
     wrap(server.service, "completions", None, "completions")
-    del engine_mod
     signal.signal(signal.SIGTERM, server.request_stop)
     ready.put(True)
-    server.run()
+    if os.environ.get("ROUNDTRIP_CPROFILE"):  # a function-level profile of the server's loop
+        import cProfile
+
+        stamps.clear()
+        cProfile.runctx("server.run()", globals(), {"server": server}, os.environ["ROUNDTRIP_CPROFILE"])
+    else:
+        server.run()
     with open(out_path, "wb") as f:
         pickle.dump(stamps, f)
 
@@ -238,15 +255,15 @@ def profile(device: str, n: int) -> dict[str, Any]:
     client_stamps: dict[str, list[tuple[str, int]]] = {"save": [], "load": []}
     for kind, fn in (("save", save), ("load", load)):
         timed(fn, 50)
+    global STAMPS
     now = time.perf_counter_ns
-    sock_send = None
+    STAMPS = []
     for kind, fn in (("save", save), ("load", load)):
         for _ in range(n):
             t0 = now()
             fn()
             client_stamps[kind].append(("cli_call", t0))
             client_stamps[kind].append(("cli_done", now()))
-    del sock_send
     client.close()
     os.kill(proc.pid, signal.SIGTERM)
     proc.join(60)
@@ -267,7 +284,7 @@ def breakdown(stamps: list[tuple[str, int]], client_stamps: dict[str, list[tuple
         hops: dict[str, list[float]] = {}
         totals = []
         for t0, t1 in zip(calls[kind], dones[kind]):
-            inside = [(name, t) for name, t in stamps if t0 <= t <= t1]
+            inside = sorted((s for s in stamps + (STAMPS or []) if t0 <= s[1] <= t1), key=lambda s: s[1])
             seq = [("cli_call", t0), *inside, ("cli_done", t1)]
             totals.append((t1 - t0) / 1e3)
             for (a, ta), (b, tb) in zip(seq, seq[1:]):

@@ -388,3 +388,27 @@ def test_the_connector_declares_itself_a_host_cache_without_delivery_or_sleep_mo
     assert PegaKVConnector._cache_hit_source is CacheHitSource.HOST
     assert PegaKVConnector.supports_sleep_mode(None) is False
     assert PegaKVConnector.requires_kv_delivery.fget(None) is False
+
+
+def test_event_pool_exports_each_events_ipc_handle_once_and_forgets_a_discarded_one(monkeypatch):
+    from pegaflow import sharing
+    from pegaflow.connector.worker_side import EventPool
+
+    exported: list[object] = []
+
+    def share_event(event):
+        exported.append(event)
+        return b"h" + bytes([len(exported)]) * 63
+
+    monkeypatch.setattr(sharing, "share_event", share_event)
+    pool = EventPool(limit=2)
+    a, b = object(), object()  # stand-ins: the pool only keys and returns them
+    first = pool.handle(a)
+    assert pool.handle(a) == first and pool.handle(b) != first
+    pool.release(a)
+    assert pool.handle(a) == first and exported == [a, b]  # reused: not exported again
+    pool._made = 2
+    pool.discard(b)
+    assert pool._made == 1
+    pool.handle(b)
+    assert exported == [a, b, b]  # a discarded event is never served from the cache

@@ -101,12 +101,17 @@ def _layer_specs(kv_cache_config: Any) -> dict[str, Any]:
 
 class EventPool:
     """Interprocess CUDA events, reused only after the server completed the save that used one
-    (a re-record moves what a pending wait waits for)."""
+    (a re-record moves what a pending wait waits for).
+
+    An event's IPC handle is fixed for its life: it is exported once (``handle``), not on
+    every save, and the server keeps the event it opened under that handle.
+    """
 
     def __init__(self, limit: int = MAX_SAVE_EVENTS) -> None:
         self._free: list[torch.cuda.Event] = []
         self._made = 0
         self._limit = limit
+        self._handles: dict[int, tuple[torch.cuda.Event, bytes]] = {}  # id(event) -> (event, its handle)
 
     def acquire(self) -> torch.cuda.Event | None:
         if self._free:
@@ -116,12 +121,22 @@ class EventPool:
         self._made += 1
         return torch.cuda.Event(enable_timing=False, interprocess=True)
 
+    def handle(self, event: torch.cuda.Event) -> bytes:
+        """The event's IPC handle (the event must have been recorded once: it exists then)."""
+        known = self._handles.get(id(event))
+        if known is None:
+            from pegaflow.sharing import share_event
+
+            known = self._handles[id(event)] = (event, share_event(event))
+        return known[1]
+
     def release(self, event: torch.cuda.Event) -> None:
         self._free.append(event)
 
     def discard(self, event: torch.cuda.Event) -> None:
         """An event the server may still wait on (its save was given up): never reuse it."""
         self._made -= 1
+        self._handles.pop(id(event), None)
 
 
 @dataclass
@@ -268,9 +283,7 @@ class ConnectorWorker:
             self._load_finished(job.req_id, ok=False)
             return
         try:
-            self.link.call(
-                "load", self.geometry.instance_id, self.rank, job.job_id, list(job.block_ids), list(job.hashes)
-            )
+            self.link.call("load", self.geometry.instance_id, self.rank, job.job_id, job.block_ids, job.hashes)
         except (LinkUnavailable, LinkRejected) as exc:
             self._on_rejected(exc)
             self._load_finished(job.req_id, ok=False)
@@ -300,14 +313,15 @@ class ConnectorWorker:
 
     def _submit_save(self, job: SaveJob, event: Any) -> None:
         try:
+            handle = self._events.handle(event) if event is not None else None
             self.link.call(
                 "save",
                 self.geometry.instance_id,
                 self.rank,
                 job.job_id,
-                list(job.block_ids),
-                list(job.hashes),
-                event=event,
+                job.block_ids,
+                job.hashes,
+                event=handle,
             )
         except (LinkUnavailable, LinkRejected) as exc:
             self._on_rejected(exc)

@@ -32,37 +32,56 @@ class TransferHandle:
     """Completion of one transfer: poll it, wait on it, or be called back.
 
     ``event`` (GPU mode) is recorded on the engine's stream after the copy: another stream can
-    wait on it. It is ``None`` in CPU mode and for transfers that launched no copy. Copies are
-    enqueued by an engine thread, so reading ``event`` waits (briefly) until it is recorded:
+    wait on it. It is ``None`` in CPU mode and for transfers that launched no copy. Copies may
+    be enqueued by an engine thread, so reading ``event`` waits (briefly) until it is recorded:
     a wait on an event not yet recorded would wait for nothing.
+
+    A handle costs one lock: the thread events behind ``wait`` and ``event`` are made only
+    when some caller has to block on them (the server never does: it is called back).
     """
 
     def __init__(self, event: Any = None) -> None:
         self._event = event
-        self._launched = threading.Event()  # the event has been recorded (or there is none)
-        if event is None:
-            self._launched.set()
-        self._done = threading.Event()
         self._lock = threading.Lock()
         self._result: TransferResult | None = None
         self._callbacks: list[Callable[[TransferResult], None]] = []
+        self._waiter: threading.Event | None = None  # made by the first wait() that must block
+        self._launched = event is None  # the event has been recorded (or there is none)
+        self._launch_waiter: threading.Event | None = None
 
     @property
     def event(self) -> Any:
         """The completion event; waits until the transfer has been enqueued (so it is recorded)."""
-        self._launched.wait()
+        if not self._launched:
+            with self._lock:
+                if not self._launched and self._launch_waiter is None:
+                    self._launch_waiter = threading.Event()
+                waiter = None if self._launched else self._launch_waiter
+            if waiter is not None:
+                waiter.wait()
         return self._event
 
     def _mark_launched(self) -> None:
-        self._launched.set()
+        with self._lock:
+            self._launched = True
+            waiter = self._launch_waiter
+        if waiter is not None:
+            waiter.set()
 
     def done(self) -> bool:
         """True once the transfer has completed (or failed)."""
-        return self._done.is_set()
+        return self._result is not None
 
     def wait(self, timeout: float | None = None) -> TransferResult:
         """The result, waiting up to ``timeout`` seconds; ``TimeoutError`` past it."""
-        if not self._done.wait(timeout):
+        result = self._result
+        if result is not None:
+            return result
+        with self._lock:
+            if self._result is None and self._waiter is None:
+                self._waiter = threading.Event()
+            waiter = None if self._result is not None else self._waiter
+        if waiter is not None and not waiter.wait(timeout):
             raise TimeoutError(f"transfer not done after {timeout} s")
         assert self._result is not None
         return self._result
@@ -86,9 +105,12 @@ class TransferHandle:
             if self._result is not None:
                 return
             self._result = result
+            self._launched = True
             callbacks, self._callbacks = self._callbacks, []
-        self._launched.set()
-        self._done.set()
+            waiters = (self._waiter, self._launch_waiter)
+        for waiter in waiters:
+            if waiter is not None:
+                waiter.set()
         for fn in callbacks:
             _call(fn, result)
 
