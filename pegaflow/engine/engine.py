@@ -221,18 +221,17 @@ class Engine:
             return TransferHandle.completed(TransferResult(True, 0, 0, skipped=plan.skipped))
         handle = TransferHandle(lane.new_event() if isinstance(lane, GpuLane) else None)
         count = len(plan.writes)
+        nbytes = count * kv.block_bytes
 
         def finish(ok: bool, error: str | None) -> None:
             self.index.complete_save(plan, ok)
             with self._lock:
                 if ok:
-                    self._counters["bytes_saved"] += count * spec.block_bytes
+                    self._counters["bytes_saved"] += nbytes
                     self._counters["blocks_saved"] += count
                 else:
                     self._counters["failed_saves"] += 1
-            handle._complete(
-                TransferResult(ok, count if ok else 0, count * spec.block_bytes if ok else 0, plan.skipped, error=error)
-            )
+            handle._complete(TransferResult(ok, count if ok else 0, nbytes if ok else 0, plan.skipped, error=error))
 
         job = CopyJob(SAVE, kv, [ids[i] for i, _ in plan.writes], plan.offsets(), inst.slot_bytes, handle,
                       finish, after_event)  # fmt: skip
@@ -254,23 +253,21 @@ class Engine:
             inst.loads.add(pinned)
         handle = TransferHandle(lane.new_event() if isinstance(lane, GpuLane) else None)
         count = len(plan.reads)
+        nbytes = count * kv.block_bytes
 
         def finish(ok: bool, error: str | None) -> None:
             with self._lock:
                 inst.loads.discard(pinned)
-            if not ok:
-                self.index.forget(plan)  # stop advertising what could not be loaded
-            self._release(pinned)
-            with self._lock:
                 if ok:
-                    self._counters["bytes_loaded"] += count * spec.block_bytes
+                    self._counters["bytes_loaded"] += nbytes
                     self._counters["blocks_loaded"] += count
                 else:
                     self._counters["failed_loads"] += 1
-            handle._complete(
-                TransferResult(ok and not plan.missing, count if ok else 0, count * spec.block_bytes if ok else 0,
-                               missing=plan.missing, error=error or missing)  # fmt: skip
-            )
+            if not ok:
+                self.index.forget(plan)  # stop advertising what could not be loaded
+            self._release(pinned)
+            handle._complete(TransferResult(ok and not plan.missing, count if ok else 0, nbytes if ok else 0,
+                                            missing=plan.missing, error=error or missing))
 
         job = CopyJob(LOAD, kv, [ids[i] for i, _ in plan.reads], plan.offsets(), inst.slot_bytes, handle, finish)
         lane.submit(job)
