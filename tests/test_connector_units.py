@@ -412,3 +412,26 @@ def test_event_pool_exports_each_events_ipc_handle_once_and_forgets_a_discarded_
     assert pool._made == 1
     pool.handle(b)
     assert exported == [a, b, b]  # a discarded event is never served from the cache
+
+
+def test_a_save_whose_event_cannot_be_shared_is_reported_failed_not_raised():
+    from pegaflow.connector.worker_side import ConnectorWorker, InstanceGeometry
+
+    calls: list[str] = []
+    client = SimpleNamespace(save=lambda *a, **k: calls.append("save"), close=lambda: None)
+    settings = ConnectorSettings(instance_id="i")
+    worker = ConnectorWorker(settings, EngineLink(settings, "test", client_factory=lambda s: client),
+                             InstanceGeometry("i", "m", "auto", "LBNHC", BS, 1, False), rank=0)
+
+    class Unshareable:
+        def handle(self, event):
+            raise RuntimeError("cudaIpcGetEventHandle failed")
+
+        def discard(self, event):
+            calls.append("discard")
+
+    worker._events = Unshareable()
+    worker._submit_save(SaveJob(5, (1, 2), (b"a" * 32, b"b" * 32)), event=object())
+    meta = worker.take_worker_meta()
+    assert calls == ["discard"] and meta.saves_done == {5: 1} and meta.saves_failed == 1
+    assert meta.blocks_skipped == 2 and not worker.has_pending()

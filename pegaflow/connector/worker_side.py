@@ -314,6 +314,12 @@ class ConnectorWorker:
     def _submit_save(self, job: SaveJob, event: Any) -> None:
         try:
             handle = self._events.handle(event) if event is not None else None
+        except Exception:  # torch could not export the event: without it the save cannot be ordered
+            logger.exception("rank %d: cannot share the save's CUDA event; skipping the save", self.rank)
+            self._events.discard(event)
+            self._save_finished(job.job_id, saved=0, skipped=len(job.hashes), failed=True)
+            return
+        try:
             self.link.call(
                 "save",
                 self.geometry.instance_id,
