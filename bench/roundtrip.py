@@ -58,13 +58,13 @@ def _stamp(name: str) -> None:
         STAMPS.append((name, time.perf_counter_ns()))
 
 
-def client_driver(endpoint: str, device: str) -> tuple[PegaClient, Callable[[], None], Callable[[], None], Any]:
+def client_driver(endpoint: str, device: str, k: int = 1) -> tuple[PegaClient, Callable[[], None], Callable[[], None], Any]:
     client = PegaClient(endpoint, timeout_s=10.0, name="roundtrip")
     client.register_instance("rt", model="rt", kv_dtype="int8", layout="LBNHC", block_size=16, page_bytes=[PAGE, PAGE])
     backing = torch.randint(-128, 128, (2, BLOCKS, PAGE), dtype=torch.int8, device=device)
     client.register_kv_caches("rt", 0, backing, [(0, PAGE, PAGE), (BLOCKS * PAGE, PAGE, PAGE)], BLOCKS)
-    held = [os.urandom(32)]
-    client.save("rt", 0, 1, [5], held)
+    held = [os.urandom(32) for _ in range(k)]
+    client.save("rt", 0, 1, list(range(40, 40 + k)), held)
     wait_job(client, 1)
     jobs = iter(range(100, 1 << 40))
     event = torch.cuda.Event(interprocess=True) if device != "cpu" else None
@@ -76,13 +76,13 @@ def client_driver(endpoint: str, device: str) -> tuple[PegaClient, Callable[[], 
         job = next(jobs)
         if event is not None:
             event.record()
-        client.save("rt", 0, job, [3], [os.urandom(32)], event=event)
+        client.save("rt", 0, job, list(range(k)), [os.urandom(32) for _ in range(k)], event=event)
         _stamp("cli_replied")
         wait_job_(job)
 
     def load() -> None:
         job = next(jobs)
-        client.load("rt", 0, job, [7], held)
+        client.load("rt", 0, job, list(range(20, 20 + k)), held)
         _stamp("cli_replied")
         wait_job_(job)
 
@@ -98,7 +98,7 @@ def wait_job(client: PegaClient, job_id: int) -> None:
                 return
 
 
-def worker_driver(endpoint: str, device: str) -> tuple[Any, Callable[[], None], Callable[[], None]]:
+def worker_driver(endpoint: str, device: str, k: int = 1) -> tuple[Any, Callable[[], None], Callable[[], None]]:
     from e2e_shapes import SMOKE, build_rank_cache
 
     from pegaflow.connector.config import ConnectorSettings
@@ -114,7 +114,7 @@ def worker_driver(endpoint: str, device: str) -> tuple[Any, Callable[[], None], 
     worker.register_kv_caches(cache.kv_caches, cache.kv_cache_config)
     if not worker._registered:
         raise RuntimeError("the worker could not register its KV cache (see the log)")
-    held = (os.urandom(32),)
+    held = tuple(os.urandom(32) for _ in range(k))
     jobs = iter(range(1 << 40, 1 << 41))
 
     def await_save(job: int) -> None:
@@ -137,7 +137,7 @@ def worker_driver(endpoint: str, device: str) -> tuple[Any, Callable[[], None], 
 
     def save_with(hashes: tuple[bytes, ...]) -> None:
         job = next(jobs)
-        worker.bind(PegaConnectorMetadata(save=SaveJob(job, (3,), hashes)))
+        worker.bind(PegaConnectorMetadata(save=SaveJob(job, tuple(range(k)), hashes)))
         worker.wait_for_save()
         worker.clear()
         await_save(job)
@@ -145,13 +145,13 @@ def worker_driver(endpoint: str, device: str) -> tuple[Any, Callable[[], None], 
     def load() -> None:
         job = next(jobs)
         req = f"r{job}"
-        worker.bind(PegaConnectorMetadata(loads=[LoadJob(job, req, (7,), held)]))
+        worker.bind(PegaConnectorMetadata(loads=[LoadJob(job, req, tuple(range(20, 20 + k)), held)]))
         worker.start_load_kv()
         worker.clear()
         await_load(req)
 
     save_with(held)
-    return worker, lambda: save_with((os.urandom(32),)), load
+    return worker, lambda: save_with(tuple(os.urandom(32) for _ in range(k))), load
 
 
 def timed(fn: Callable[[], None], count: int) -> list[float]:
@@ -246,7 +246,7 @@ def traced_server(endpoint: str, device: str, out_path: str, ready: Any) -> None
         pickle.dump(stamps, f)
 
 
-def profile(device: str, n: int) -> dict[str, Any]:
+def profile(device: str, n: int, k: int = 1) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="rt-")
     endpoint, out_path = f"ipc://{workdir}/s.sock", f"{workdir}/stamps.pkl"
     ctx = mp.get_context("spawn")
@@ -254,7 +254,7 @@ def profile(device: str, n: int) -> dict[str, Any]:
     proc = ctx.Process(target=traced_server, args=(endpoint, device, out_path, ready))
     proc.start()
     ready.get(timeout=120)
-    client, save, load, _backing = client_driver(endpoint, device)
+    client, save, load, _backing = client_driver(endpoint, device, k)
     client_stamps: dict[str, list[tuple[str, int]]] = {"save": [], "load": []}
     for kind, fn in (("save", save), ("load", load)):
         timed(fn, 50)
@@ -306,9 +306,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:N (server on that GPU, caches on it)")
     parser.add_argument("-n", type=int, default=1000, help="round trips per row")
     parser.add_argument("--profile", action="store_true", help="print the per-hop breakdown instead")
+    parser.add_argument("--blocks", type=int, default=1, help="blocks per save and load (at most 20)")
     args = parser.parse_args()
     if args.profile:
-        result = profile(args.device, args.n)
+        result = profile(args.device, args.n, args.blocks)
         for kind, res in result.items():
             print(f"\n{kind}: total p50 {res['total_p50_us']} us")
             for hop, v in res["hops"].items():
@@ -323,11 +324,12 @@ def main() -> None:
     rows: list[Row] = []
     results: dict[str, Any] = {}
     try:
-        client, c_save, c_load, _backing = client_driver(server.ipc, args.device)
-        worker, w_save, w_load = worker_driver(server.ipc, args.device)
-        ops = {("client", "health"): lambda: client.health(), ("client", "save-1-block"): c_save,
-               ("client", "load-1-block"): c_load, ("worker", "save-1-block"): w_save,
-               ("worker", "load-1-block"): w_load}
+        client, c_save, c_load, _backing = client_driver(server.ipc, args.device, args.blocks)
+        worker, w_save, w_load = worker_driver(server.ipc, args.device, args.blocks)
+        blocks = f"{args.blocks}-block"
+        ops = {("client", "health"): lambda: client.health(), ("client", f"save-{blocks}"): c_save,
+               ("client", f"load-{blocks}"): c_load, ("worker", f"save-{blocks}"): w_save,
+               ("worker", f"load-{blocks}"): w_load}
         samples: dict[tuple[str, str], list[float]] = {k: [] for k in ops}
         for fn in ops.values():
             timed(fn, 50)
