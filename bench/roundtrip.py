@@ -16,6 +16,7 @@ completion hand-off -> push -> client. Stamps on both sides use CLOCK_MONOTONIC
     python bench/roundtrip.py --json /tmp/rt.json            # CPU mode
     python bench/roundtrip.py --device cuda:0 --json rt.json  # GPU server and KV cache
     python bench/roundtrip.py --profile                       # the per-hop breakdown
+    python bench/roundtrip.py --device cuda:0 --profile [--spin-events]
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from common import Row, arg_parser, print_table, write_json  # noqa: E402
 from pegaflow.client import PegaClient  # noqa: E402
 
 PAGE = 4096
-BLOCKS = 64
+BLOCKS = 256
 
 
 def pct(values: list[float], q: float) -> float:
@@ -64,7 +65,7 @@ def client_driver(endpoint: str, device: str, k: int = 1) -> tuple[PegaClient, C
     backing = torch.randint(-128, 128, (2, BLOCKS, PAGE), dtype=torch.int8, device=device)
     client.register_kv_caches("rt", 0, backing, [(0, PAGE, PAGE), (BLOCKS * PAGE, PAGE, PAGE)], BLOCKS)
     held = [os.urandom(32) for _ in range(k)]
-    client.save("rt", 0, 1, list(range(40, 40 + k)), held)
+    client.save("rt", 0, 1, list(range(200, 200 + k)), held)
     wait_job(client, 1)
     jobs = iter(range(100, 1 << 40))
     event = torch.cuda.Event(interprocess=True) if device != "cpu" else None
@@ -82,7 +83,7 @@ def client_driver(endpoint: str, device: str, k: int = 1) -> tuple[PegaClient, C
 
     def load() -> None:
         job = next(jobs)
-        client.load("rt", 0, job, list(range(20, 20 + k)), held)
+        client.load("rt", 0, job, list(range(100, 100 + k)), held)
         _stamp("cli_replied")
         wait_job_(job)
 
@@ -145,7 +146,7 @@ def worker_driver(endpoint: str, device: str, k: int = 1) -> tuple[Any, Callable
     def load() -> None:
         job = next(jobs)
         req = f"r{job}"
-        worker.bind(PegaConnectorMetadata(loads=[LoadJob(job, req, tuple(range(20, 20 + k)), held)]))
+        worker.bind(PegaConnectorMetadata(loads=[LoadJob(job, req, tuple(range(100, 100 + k)), held)]))
         worker.start_load_kv()
         worker.clear()
         await_load(req)
@@ -166,8 +167,11 @@ def timed(fn: Callable[[], None], count: int) -> list[float]:
 # ---- the traced server (--profile) -----------------------------------------------------------
 
 
-def traced_server(endpoint: str, device: str, out_path: str, ready: Any) -> None:
-    """A server in this process with stamps around its stages; dumps them on SIGTERM."""
+def traced_server(endpoint: str, device: str, out_path: str, ready: Any, spin: bool = False) -> None:
+    """A server in this process with stamps around its stages; dumps them on SIGTERM.
+
+    ``spin``: the GPU lanes' completion events spin instead of blocking (an A/B of the
+    completion thread's wake-up; the lane itself is not changed)."""
     import pickle
 
     from pegaflow.engine import Engine, EngineConfig
@@ -228,6 +232,8 @@ def traced_server(endpoint: str, device: str, out_path: str, ready: Any) -> None
         if isinstance(lane, transfer.CpuLane):
             wrap(lane, "_run", "copy_in", "copy_out")
         elif isinstance(lane, transfer.GpuLane):
+            if spin:
+                lane.new_event = lambda: torch.cuda.Event(blocking=False)
             wrap(lane, "_launch_locked", "launch_in", "launch_out")
             wrap(lane, "_done", "synced", None)  # the completion thread's event wait returned
     wrap(server.service, "_on_done", "on_done", None)
@@ -246,12 +252,12 @@ def traced_server(endpoint: str, device: str, out_path: str, ready: Any) -> None
         pickle.dump(stamps, f)
 
 
-def profile(device: str, n: int, k: int = 1) -> dict[str, Any]:
+def profile(device: str, n: int, k: int = 1, spin: bool = False) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="rt-")
     endpoint, out_path = f"ipc://{workdir}/s.sock", f"{workdir}/stamps.pkl"
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
-    proc = ctx.Process(target=traced_server, args=(endpoint, device, out_path, ready))
+    proc = ctx.Process(target=traced_server, args=(endpoint, device, out_path, ready, spin))
     proc.start()
     ready.get(timeout=120)
     client, save, load, _backing = client_driver(endpoint, device, k)
@@ -306,10 +312,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:N (server on that GPU, caches on it)")
     parser.add_argument("-n", type=int, default=1000, help="round trips per row")
     parser.add_argument("--profile", action="store_true", help="print the per-hop breakdown instead")
-    parser.add_argument("--blocks", type=int, default=1, help="blocks per save and load (at most 20)")
+    parser.add_argument("--blocks", type=int, default=1, help="blocks per save and load (at most 56)")
+    parser.add_argument("--spin-events", action="store_true",
+                        help="--profile on a GPU: completion events spin (torch.cuda.Event(blocking=False)), an A/B")
     args = parser.parse_args()
     if args.profile:
-        result = profile(args.device, args.n, args.blocks)
+        result = profile(args.device, args.n, args.blocks, args.spin_events)
         for kind, res in result.items():
             print(f"\n{kind}: total p50 {res['total_p50_us']} us")
             for hop, v in res["hops"].items():
