@@ -160,3 +160,14 @@ def test_a_completion_on_the_loop_thread_wakes_nothing_one_on_an_engine_thread_w
     assert wakes == [1]
     (_, frame), = service.completions()
     assert msgpack.unpackb(frame)["job_id"] == 2
+
+
+def test_a_transfer_done_when_started_is_pushed_from_its_start():
+    service, engine, _ = setup()
+    pushed: list[tuple[bytes, bytes]] = []
+    service.push = pushed.extend
+    engine.save = lambda *a, **k: TransferHandle.completed(TransferResult(ok=True, num_blocks=1, nbytes=256))
+    assert save(service, 0.0, job_id=4)["ok"]  # call() runs start_deferred, as the loop does
+    (identity, frame), = pushed
+    assert identity == ME and msgpack.unpackb(frame)["job_id"] == 4 and not service.has_completions
+    assert save(service, 0.0, job_id=5)["ok"] and len(pushed) == 2  # every one, once

@@ -82,6 +82,7 @@ class ServerLoop:
         self.config = config
         self.service = Service(engine, devices=devices, client_timeout_s=config.client_timeout_s, wake=self.wake,
                                auth_token=config.auth_token)
+        self.service.push = self._push
         self._stop_requested = False
         self.ctx = zmq.Context()
         self.router: zmq.Socket | None = None

@@ -83,6 +83,7 @@ class Service:
         self._deferred: collections.deque = collections.deque()  # transfers accepted, to start
         self._handlers: dict[type, Callable] = {
             P.Hello: self._hello, P.Heartbeat: self._heartbeat, P.Bye: self._bye,
+        self.push: Callable[[list[tuple[bytes, bytes]]], None] | None = None  # set by the loop: send these now
             P.RegisterInstance: self._register_instance, P.RegisterKV: self._register_kv,
             P.UnregisterKV: self._unregister_kv, P.Query: self._query, P.Transfer: self._transfer,
             P.Unregister: self._unregister, P.Reset: self._reset, P.Stats: self._stats, P.Health: self._health,
@@ -378,8 +379,12 @@ class Service:
             logger.exception("engine.%s refused job %d after the server accepted it", req.op, req.job_id)
             self._on_done(identity, req.job_id, TransferResult(ok=False, num_blocks=0, nbytes=0,
                                                                error=f"{type(exc).__name__}: {exc}"))
-            return
-        handle.add_done_callback(partial(self._on_done, identity, req.job_id))
+        else:
+            handle.add_done_callback(partial(self._on_done, identity, req.job_id))
+        # A transfer done already (a small CPU copy) goes out now, not after whatever else the
+        # loop does before its next look at the queue.
+        if self._done and self.push is not None and threading.get_ident() == self.loop_thread:
+            self.push(self.completions())
 
     def _unregister(self, identity: bytes, session: Session, req: P.Unregister, now: float) -> bytes:
         self._instance(req.instance_id, req.id)
