@@ -76,6 +76,7 @@ class Service:
         self.open_mappings = 0
         self._lost_jobs: dict[bytes, list[int]] = {}  # expired sessions' jobs in flight, by identity
         self._wake = wake
+        self.push: Callable[[list[tuple[bytes, bytes]]], None] | None = None  # set by the loop: send these now
         # The thread that serves (the one that built the service; the loop sets it when it
         # runs): a completion on it needs no wake-up.
         self.loop_thread = threading.get_ident()
@@ -83,7 +84,6 @@ class Service:
         self._deferred: collections.deque = collections.deque()  # transfers accepted, to start
         self._handlers: dict[type, Callable] = {
             P.Hello: self._hello, P.Heartbeat: self._heartbeat, P.Bye: self._bye,
-        self.push: Callable[[list[tuple[bytes, bytes]]], None] | None = None  # set by the loop: send these now
             P.RegisterInstance: self._register_instance, P.RegisterKV: self._register_kv,
             P.UnregisterKV: self._unregister_kv, P.Query: self._query, P.Transfer: self._transfer,
             P.Unregister: self._unregister, P.Reset: self._reset, P.Stats: self._stats, P.Health: self._health,
