@@ -278,12 +278,83 @@ def test_the_touch_log_is_bounded(monkeypatch):
     monkeypatch.setattr(index_module, "TOUCH_LOG_LIMIT", 4)
     index = BlockIndex(8 * S, 30.0)
     save(index, [0, 1, 2])
-    for _ in range(3):
-        index.query(NS, [h(0)])
-    assert len(index._touches) == 3
+    for i in (0, 2, 0):  # none repeats the one before it: three logged queries
+        index.query(NS, [h(i)])
+    assert len(index._touches) == 3 and index.pending_touches() == 3
     index.query(NS, [h(1), h(0)])
-    assert index._touches == []  # applied at once: 2, 1, 0
+    assert not index._touches and index.pending_touches() == 0  # applied at once: 2, 1, 0
     assert index.lru_keys() == [(NS, h(2)), (NS, h(1)), (NS, h(0))]
+
+
+def test_a_query_that_touches_the_previous_ones_hits_again_replaces_it_in_the_log():
+    index = BlockIndex(8 * S, 30.0)
+    save(index, [0, 1, 2, 3])
+    index.query(NS, [h(1), h(2)])
+    index.query(NS, [h(1), h(2)])  # the same again: one logged query
+    assert len(index._touches) == 1 and index.pending_touches() == 2
+    index.query(NS, [h(1), h(2), h(0)])  # a longer prefix of it: replaces it
+    assert len(index._touches) == 1 and index.pending_touches() == 3
+    index.query(NS, [h(1)])  # shorter: 2 and 0 keep their earlier touches
+    assert len(index._touches) == 2 and index.pending_touches() == 4
+    index.query(NS, [h(2), h(1)])  # the same entries in another order: kept apart
+    assert len(index._touches) == 3
+    assert index.lru_keys() == [(NS, h(3)), (NS, h(0)), (NS, h(2)), (NS, h(1))]
+    index.apply_touches()
+    assert index.lru_keys() == [(NS, h(3)), (NS, h(0)), (NS, h(2)), (NS, h(1))]
+
+
+def test_touches_applied_in_slices_give_the_order_of_one_apply():
+    index = BlockIndex(16 * S, 30.0)
+    save(index, range(8))
+    index.query(NS, [h(i) for i in (5, 6, 7, 0)])
+    index.query(NS, [h(i) for i in (2, 5)])
+    index.query(NS, [h(i) for i in (5, 6, 7, 0, 1)])  # not the previous one's hits: logged apart
+    expected = index.lru_keys()
+    assert expected == [(NS, h(i)) for i in (3, 4, 2, 5, 6, 7, 0, 1)]
+    slices = 0
+    while index.apply_touches(3):  # 11 touches, 3 at a time, across the queries' boundaries
+        slices += 1
+        assert index.lru_keys() == expected  # a half-applied log reads the same
+    assert slices == 3 and index.pending_touches() == 0
+    assert index.lru_keys() == expected
+    # A repeat of a half-applied query replaces what is left of it.
+    index.query(NS, [h(i) for i in (3, 4, 2)])
+    index.apply_touches(1)
+    index.query(NS, [h(i) for i in (3, 4, 2, 5)])
+    assert len(index._touches) == 1 and index.pending_touches() == 4
+    index.apply_touches()
+    assert index.lru_keys() == [(NS, h(i)) for i in (6, 7, 0, 1, 3, 4, 2, 5)]
+
+
+def test_logged_touches_of_entries_dropped_or_pinned_since_are_skipped():
+    index = BlockIndex(16 * S, 30.0)
+    save(index, range(4))
+    save(index, range(4), ns="other@ns")
+    index.query(NS, [h(0), h(1)])
+    index.query("other@ns", [h(3), h(0)])
+    index.drop_namespace(NS)  # no pins: the apply meets a missing entry and filters
+    index.apply_touches()
+    assert index.lru_keys() == [("other@ns", h(1)), ("other@ns", h(2)), ("other@ns", h(3)), ("other@ns", h(0))]
+    index.query("other@ns", [h(1), h(2)])
+    load = index.prepare_load("other@ns", [h(2)], 0)
+    index.query("other@ns", [h(3)])
+    index.apply_touches()  # 2 is pinned: its touch is a no-op
+    assert index.lru_keys() == [("other@ns", h(0)), ("other@ns", h(1)), ("other@ns", h(3))]
+    index.unpin(load)
+    assert index.lru_keys() == [("other@ns", h(0)), ("other@ns", h(1)), ("other@ns", h(3)), ("other@ns", h(2))]
+
+
+@pytest.mark.parametrize("held", [0, 1, 2, 500, 999, 1000])
+def test_a_query_stops_at_the_first_miss_even_if_later_hashes_are_held(held):
+    index = BlockIndex(1100 * S, 30.0)
+    save(index, range(1000))
+    hashes = [h(i) for i in range(1000)]
+    hashes[held:held + 1] = [h(-1)] if held < 1000 else []
+    hashes.append(h(-1))
+    hashes.append(h(3))  # held, after misses: not a hit
+    assert index.query_blob(NS, b"".join(hashes), 32) == held
+    assert index.query(NS, hashes) == held
+    assert index.pending_touches() == held  # the second query replaced the first in the log
 
 
 # -- the index against an eager model (LRU refreshed at once, one slot size) --------------
@@ -478,6 +549,7 @@ class IndexAgainstEagerModel(RuleBasedStateMachine):
         self.model = _Model(_CAPACITY, 5.0)
         self.saves: list[tuple] = []
         self.loads: list[tuple] = []
+        self.last_query: tuple[str, list[bytes]] | None = None
         self.old_limit = index_module.TOUCH_LOG_LIMIT
 
     @initialize(limit=st.sampled_from([1, 3, 1 << 16]))
@@ -493,9 +565,21 @@ class IndexAgainstEagerModel(RuleBasedStateMachine):
         held = [i for i in range(_UNIVERSE) if (e := self.model.entries.get((ns, h(i)))) is not None and e.ready]
         ids = data.draw(st.lists(st.sampled_from(held), max_size=4)) if held else []
         ids += data.draw(st.lists(st.integers(0, _UNIVERSE - 1), max_size=2))
-        hashes = [h(i) for i in ids]
+        self._query(ns, [h(i) for i in ids], blob)
+
+    @precondition(lambda self: self.last_query)
+    @rule(data=st.data(), blob=st.booleans())
+    def query_again(self, data, blob):
+        """The last query again, cut short, or longer (a log entry replaced or kept)."""
+        ns, hashes = self.last_query
+        cut = data.draw(st.integers(0, len(hashes)))
+        more = data.draw(st.lists(st.integers(0, _UNIVERSE - 1), max_size=3))
+        self._query(ns, hashes[:cut] + [h(i) for i in more], blob)
+
+    def _query(self, ns, hashes, blob):
         got = self.index.query_blob(ns, b"".join(hashes), 32) if blob else self.index.query(ns, hashes)
         assert got == self.model.query(ns, hashes, self.clock.now)
+        self.last_query = (ns, hashes)
 
     @rule(ns=st.sampled_from(sorted(_NAMESPACES)), ids=_hash_lists, data=st.data())
     def save(self, ns, ids, data):
@@ -548,6 +632,13 @@ class IndexAgainstEagerModel(RuleBasedStateMachine):
     @rule(ns=st.sampled_from(sorted(_NAMESPACES)))
     def drop_namespace(self, ns):
         assert self.index.drop_namespace(ns) == self.model.drop_namespace(ns)
+
+    @rule(limit=st.sampled_from([1, 2, 5]))
+    def apply_some_touches(self, limit):
+        """What the server does while no request waits: part of the log, order unchanged."""
+        pending = self.index.pending_touches()
+        assert self.index.apply_touches(limit) == (pending > limit)
+        assert self.index.pending_touches() == max(0, pending - limit)
 
     @rule(seconds=st.sampled_from([1.0, 3.0, 6.0]))
     def time_passes(self, seconds):
