@@ -323,7 +323,7 @@ _OPS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
 }
 OPS = tuple(_OPS)
 _OPS_CHECK = {
-    op: (cls, required, frozenset(("id", "op", *required, *optional)))
+    op: (cls, required, frozenset(required), frozenset(("id", "op", *required, *optional)))
     for op, (cls, required, optional) in _OPS.items()
 }
 
@@ -358,28 +358,26 @@ def decode_request(frame: bytes) -> Request:
 
 
 def _build(msg: dict, request_id: int) -> Request:
-    op = msg.get("op")
+    op = msg.pop("op", None)
     spec = _OPS_CHECK.get(op) if type(op) is str else None
     if spec is None:
         raise ProtocolError(UNKNOWN_OP, f"unknown op {op!r} (known: {', '.join(OPS)})")
-    cls, required, allowed = spec
-    for key in required:
-        if key not in msg:
-            raise ProtocolError(MISSING_FIELD, f"{op} needs field {key!r}")
-    fields = {}
-    for key, value in msg.items():
-        if key not in allowed:
-            raise _bad(f"{op} field {key!r}", f"one of {sorted(allowed)}", "unknown field")
-        fields[key] = value
+    cls, required, required_set, allowed = spec
+    keys = msg.keys()
+    # Set comparisons in C first; the loops below only name the culprit.
+    if not keys >= required_set:
+        key = next(k for k in required if k not in msg)
+        raise ProtocolError(MISSING_FIELD, f"{op} needs field {key!r}")
+    if not keys <= allowed:
+        key = next(k for k in keys if k not in allowed)
+        raise _bad(f"{op} field {key!r}", f"one of {sorted(allowed)}", "unknown field")
     if cls is Transfer:
-        fields["op"] = op
-    else:
-        del fields["op"]
-        if cls is RegisterInstance:
-            fields["page_bytes"] = _as_tuple("page_bytes", fields["page_bytes"])
-        elif cls is RegisterKV:
-            fields["regions"] = _as_tuple("regions", fields["regions"])
-    return cls(**fields)
+        msg["op"] = op
+    elif cls is RegisterInstance:
+        msg["page_bytes"] = _as_tuple("page_bytes", msg["page_bytes"])
+    elif cls is RegisterKV:
+        msg["regions"] = _as_tuple("regions", msg["regions"])
+    return cls(**msg)
 
 
 # ---- replies ----------------------------------------------------------------------------------
