@@ -96,26 +96,33 @@ def phase_interference(rank: Any, arg: dict[str, Any], barrier: Any) -> dict[str
                 slot = i % len(targets)
                 yield slot, Job("load", targets[slot], loadable[i % len(loadable)])
 
-    def matmuls(iters: int) -> tuple[float, float, float]:
+    def eager(iters: int):
+        return lambda: [torch.matmul(a, b, out=c) for _ in range(iters)]
+
+    def matmuls(iters: int, run: Any = None) -> tuple[float, float, float]:
         rank.sync()
         t0 = time.monotonic()
-        ms = _once_ms(lambda: [torch.matmul(a, b, out=c) for _ in range(iters)], rank.cuda)
+        ms = _once_ms(run or eager(iters), rank.cuda)
         return 2 * n**3 * iters / (ms * 1e-3) / 1e12, t0, time.monotonic()
 
     matmuls(2)  # cuBLAS warm-up
     rate, _, _ = matmuls(10)
     iters = max(1, int(arg["target_ms"] * 1e-3 * rate * 1e12 / (2 * n**3)))
+    # The loop is launched as one CUDA graph, as vLLM launches its forward passes: launched one
+    # matmul at a time from Python, it would also measure how long this process's main thread
+    # waits for the GIL while the pump thread runs the connector's code.
+    run = _graph(eager(iters), rank) if rank.cuda else eager(iters)
     if direction == "load":
         rank.poison([x for t in targets for x in t])
     alone, with_, gbps, pumps = [], [], [], []
     for _ in range(arg["rounds"]):
         barrier.wait()
-        alone.append(matmuls(iters)[0])
+        alone.append(matmuls(iters, run)[0])
         barrier.wait()
         pump = Pump(rank, jobs(len(pumps)), arg["inflight"])
         pump.start()
         pump.started_copying.wait(timeout=60)
-        tflops, t0, t1 = matmuls(iters)
+        tflops, t0, t1 = matmuls(iters, run)
         pump.stop_flag.set()
         pump.join()
         if pump.error is not None:
@@ -133,3 +140,16 @@ def phase_interference(rank: Any, arg: dict[str, Any], barrier: Any) -> dict[str
             bad += rank.check(job.block_ids, job.hashes)
     return {"alone": alone, "with": with_, "ratios": ratios, "gbps": gbps, "iters": iters, "matmul_n": n,
             "failed": sum(p.failed for p in pumps), "mismatches": bad[:5]}
+
+
+def _graph(fn: Any, rank: Any) -> Any:
+    """``fn``'s kernels captured once; the returned call replays them with one launch."""
+    side = torch.cuda.Stream(rank.device)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # capture needs its workspaces allocated first
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
