@@ -21,6 +21,10 @@ from pegaflow.kernels.layouts import allocate_attention_kv_cache
 class FakeEvent:
     def __init__(self, *args, **kwargs) -> None:
         self.recorded = 0
+        self.complete = False  # a producer's event: its forward still runs
+
+    def query(self) -> bool:
+        return self.complete
 
     def record(self, stream=None) -> None:
         self.recorded += 1
@@ -45,16 +49,25 @@ class FakeStream:
         pass
 
 
+class FakeCopier2D:
+    """cuMemcpy2DAsync on host memory: one memmove per row."""
+
+    def copy(self, dst, dst_pitch, src, src_pitch, width, height, stream) -> None:
+        for i in range(height):
+            ctypes.memmove(dst + i * dst_pitch, src + i * src_pitch, width)
+
+
 @pytest.fixture
 def fake_cuda(monkeypatch):
+    monkeypatch.setattr(transfer.dma, "Copier2D", FakeCopier2D)
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
 
 
-def make_lane(pool: torch.Tensor, staging_bytes: int, zero_copy: bool) -> GpuLane:
-    lane = GpuLane(0, pool, staging_bytes, zero_copy)
+def make_lane(pool: torch.Tensor, staging_bytes: int, zero_copy: bool, dma_min_row: int | None = None) -> GpuLane:
+    lane = GpuLane(0, pool, staging_bytes, zero_copy, dma_min_row)
     lane._copier = reference
     lane._dma = lambda dst, src, nbytes, stream: ctypes.memmove(dst, src, nbytes)  # host memory: a plain copy
     for path in lane._paths.values():
@@ -73,7 +86,7 @@ def run(lane: GpuLane, direction: str, kv, block_ids, offsets, slot: int, after_
 
     lane.submit(CopyJob(direction, kv, list(block_ids), list(offsets), slot, handle, finish, after_event))
     assert done.wait(10)
-    assert handle._launched.is_set() and handle._event.recorded == 1
+    assert handle._launched and handle._event.recorded == 1
     return outcome[0]
 
 
@@ -82,16 +95,17 @@ def block_bytes(cache, b: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("launcher", ["inline", "thread"])
-@pytest.mark.parametrize("zero_copy", [False, True])
+@pytest.mark.parametrize("mode", ["staged", "zero_copy", "dma"])
 @pytest.mark.parametrize("chunk_blocks", [1, 2, 3, 50])
-def test_lane_round_trip_over_scattered_slots(fake_cuda, monkeypatch, zero_copy, chunk_blocks, launcher):
+def test_lane_round_trip_over_scattered_slots(fake_cuda, monkeypatch, mode, chunk_blocks, launcher):
+    zero_copy = mode == "zero_copy"
     if launcher == "thread":  # no job is small enough to launch on the caller's thread
         monkeypatch.setattr(transfer, "INLINE_MAX_CHUNKS", 0)
     cache = allocate_attention_kv_cache("LBNHC", num_layers=3, num_blocks=32, num_kv_heads=2, head_size=8,
                                         block_size=4, dtype=torch.bfloat16)  # fmt: skip
     slot = cache.regions.block_bytes + 256  # a slot larger than the block: padding must not leak
     pool = torch.zeros(40 * slot, dtype=torch.uint8)
-    lane = make_lane(pool, 2 * chunk_blocks * slot, zero_copy)
+    lane = make_lane(pool, 2 * chunk_blocks * slot, zero_copy, 0 if mode == "dma" else None)
     try:
         src = [5, 0, 31, 7, 8, 9, 2]
         slots = [3, 4, 5, 10, 11, 0, 39]  # runs of 3, 2, 1, 1
@@ -100,7 +114,8 @@ def test_lane_round_trip_over_scattered_slots(fake_cuda, monkeypatch, zero_copy,
         after = FakeEvent()
         assert run(lane, SAVE, cache.regions, src, offsets, slot, after) == (True, None)
         path = lane._paths[SAVE]
-        assert after in path.sm.waited, "the save did not wait for the producer's event"
+        waiter = path.dma if mode == "dma" else path.sm
+        assert after in waiter.waited, "the save did not wait for the producer's event"
         for s, data in zip(slots, expected):
             assert torch.equal(pool[s * slot : s * slot + data.numel()], data)
         used = {s for s in slots}
@@ -126,4 +141,42 @@ def test_a_failing_launch_reports_the_error(fake_cuda):
         ok, error = run(lane, LOAD, cache.regions, [0], [3 * slot + 16], slot)  # straddles the end
         assert not ok and "outside the pool" in error
     finally:
+        lane.close()
+
+
+@pytest.mark.parametrize("mode", ["staged", "dma"])
+def test_a_producer_event_already_complete_is_not_waited_on_by_the_gpu(fake_cuda, mode):
+    cache = allocate_attention_kv_cache("LBNHC", num_layers=2, num_blocks=8, num_kv_heads=1, head_size=8,
+                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
+    slot = cache.regions.block_bytes
+    pool = torch.zeros(4 * slot, dtype=torch.uint8)
+    lane = make_lane(pool, 4 * slot, False, 0 if mode == "dma" else None)
+    try:
+        done = FakeEvent()
+        done.complete = True
+        assert run(lane, SAVE, cache.regions, [3, 1], [0, slot], slot, done) == (True, None)
+        path = lane._paths[SAVE]
+        assert done not in path.sm.waited and done not in path.dma.waited
+        assert torch.equal(pool[:slot], block_bytes(cache, 3)) and torch.equal(pool[slot : 2 * slot], block_bytes(cache, 1))
+    finally:
+        lane.close()
+
+
+def test_dma_saves_go_through_staging_while_loads_run(fake_cuda):
+    cache = allocate_attention_kv_cache("LBNHC", num_layers=2, num_blocks=8, num_kv_heads=1, head_size=8,
+                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
+    slot = cache.regions.block_bytes
+    pool = torch.zeros(4 * slot, dtype=torch.uint8)
+    lane = make_lane(pool, 4 * slot, False, 0)
+    copies_2d = []
+    lane._copy_2d = lambda *args: (copies_2d.append(args), FakeCopier2D().copy(*args))
+    try:
+        assert run(lane, SAVE, cache.regions, [6], [0], slot) == (True, None)
+        assert len(copies_2d) == 1  # an idle load path: the copy engines alone
+        lane._paths[LOAD].inflight = 1  # a load in flight
+        assert run(lane, SAVE, cache.regions, [2], [slot], slot) == (True, None)
+        assert len(copies_2d) == 1  # staged instead
+        assert torch.equal(pool[:slot], block_bytes(cache, 6)) and torch.equal(pool[slot : 2 * slot], block_bytes(cache, 2))
+    finally:
+        lane._paths[LOAD].inflight = 0
         lane.close()
