@@ -169,7 +169,7 @@ def test_dma_saves_go_through_staging_while_loads_run(fake_cuda):
     pool = torch.zeros(4 * slot, dtype=torch.uint8)
     lane = make_lane(pool, 4 * slot, False, 0)
     copies_2d = []
-    lane._copy_2d = lambda *args: (copies_2d.append(args), FakeCopier2D().copy(*args))
+    lane._copy_2d[SAVE] = lambda *args: (copies_2d.append(args), FakeCopier2D().copy(*args))
     try:
         assert run(lane, SAVE, cache.regions, [6], [0], slot) == (True, None)
         assert len(copies_2d) == 1  # an idle load path: the copy engines alone
@@ -179,4 +179,30 @@ def test_dma_saves_go_through_staging_while_loads_run(fake_cuda):
         assert torch.equal(pool[:slot], block_bytes(cache, 6)) and torch.equal(pool[slot : 2 * slot], block_bytes(cache, 2))
     finally:
         lane._paths[LOAD].inflight = 0
+        lane.close()
+
+
+def test_dma_loads_up_to_a_transfer_head_longer_ones_staged(fake_cuda):
+    cache = allocate_attention_kv_cache("LBNHC", num_layers=3, num_blocks=16, num_kv_heads=1, head_size=8,
+                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
+    slot = cache.regions.block_bytes
+    pool = torch.randint(0, 255, (16 * slot,), dtype=torch.uint8)
+    lane = make_lane(pool, 2 * slot, False, 0)  # one block per staging chunk
+    copies_2d = []
+    lane._copy_2d[LOAD] = lambda *args: (copies_2d.append(args), FakeCopier2D().copy(*args))
+    try:
+        head = transfer.HEAD_CHUNKS
+        short, long = list(range(head)), list(range(head, 3 * head + 1))
+        for ids in (short, long):
+            before = cache.buffer.clone()
+            offsets = [(15 - b) * slot for b in ids]
+            assert run(lane, LOAD, cache.regions, ids, offsets, slot) == (True, None)
+            for b, off in zip(ids, offsets):
+                assert torch.equal(block_bytes(cache, b), pool[off : off + slot])
+            others = [b for b in range(16) if b not in ids]
+            assert torch.equal(torch.stack([block_bytes(cache, b) for b in others]),
+                               torch.stack([torch.cat([before.view(torch.uint8)[r.offset + b * r.block_stride:][:r.page_bytes]
+                                                       for r in cache.regions.regions]) for b in others]))
+        assert len(copies_2d) == len(short)  # one 2D copy per block of the short load, none for the long one
+    finally:
         lane.close()
