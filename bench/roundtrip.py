@@ -233,7 +233,7 @@ def traced_server(endpoint: str, device: str, out_path: str, ready: Any, spin: b
             wrap(lane, "_run", "copy_in", "copy_out")
         elif isinstance(lane, transfer.GpuLane):
             if spin:
-                lane.new_event = lambda: torch.cuda.Event(blocking=False)
+                lane.new_event = lambda nbytes=0: torch.cuda.Event(blocking=False)
             wrap(lane, "_launch_locked", "launch_in", "launch_out")
             wrap(lane, "_done", "synced", None)  # the completion thread's event wait returned
     wrap(server.service, "_on_done", "on_done", None)

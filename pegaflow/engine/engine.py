@@ -219,9 +219,9 @@ class Engine:
             self._counters["skipped_saves"] += len(plan.skipped)
         if not plan.writes:
             return TransferHandle.completed(TransferResult(True, 0, 0, skipped=plan.skipped))
-        handle = TransferHandle(lane.new_event() if isinstance(lane, GpuLane) else None)
         count = len(plan.writes)
         nbytes = count * kv.block_bytes
+        handle = TransferHandle(lane.new_event(nbytes) if isinstance(lane, GpuLane) else None)
 
         def finish(ok: bool, error: str | None) -> None:
             self.index.complete_save(plan, ok)
@@ -251,9 +251,9 @@ class Engine:
                 )
             pinned = _PinnedLoad(plan)
             inst.loads.add(pinned)
-        handle = TransferHandle(lane.new_event() if isinstance(lane, GpuLane) else None)
         count = len(plan.reads)
         nbytes = count * kv.block_bytes
+        handle = TransferHandle(lane.new_event(nbytes) if isinstance(lane, GpuLane) else None)
 
         def finish(ok: bool, error: str | None) -> None:
             with self._lock:

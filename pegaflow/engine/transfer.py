@@ -51,6 +51,11 @@ INLINE_MAX_CHUNKS = 64
 # 64 MiB chunk carries ~1.2 ms of DMA, two carry ~2.4 ms.
 HEAD_CHUNKS = 2
 
+# Completion events of jobs up to this size spin-wait (about 0.3 ms of copy at most); larger
+# jobs' block. Measured on the H200 (bench/roundtrip.py --profile, 1-block jobs): spinning
+# events took 40-120 us off a save's or a load's round trip.
+SPIN_MAX_BYTES = 16 << 20
+
 # A CPU job of at most this many pages (blocks x regions) is copied by address, one memmove
 # each (~1 us), on the caller's thread when its direction is idle: a thread hand-off and the
 # torch reference's per-region indexing (~200 us for one block) cost more than such a copy.
@@ -316,9 +321,11 @@ class GpuLane:
             idle = path.inflight == 0 and path.backlog == 0
         return HEAD_CHUNKS * self._per_chunk(path, slot_bytes) if idle else None
 
-    def new_event(self) -> torch.cuda.Event:
-        # blocking: the completion thread sleeps in synchronize() instead of spinning a core.
-        return torch.cuda.Event(blocking=True)
+    def new_event(self, nbytes: int = 1 << 62) -> torch.cuda.Event:
+        """The completion event of a job of ``nbytes``: a short job's spins (the completion
+        thread sees its end within microseconds, not after an interrupt's wake-up), a longer
+        one's blocks, so that the thread sleeps through the copy instead of holding a core."""
+        return torch.cuda.Event(blocking=nbytes > SPIN_MAX_BYTES)
 
     def submit(self, job: CopyJob) -> None:
         """Enqueue the job's copies: on the caller's thread when nothing is queued and the GPU
