@@ -52,7 +52,10 @@ DEFAULT_ENDPOINT = "ipc:///tmp/pega_engine.sock"
 ENDPOINT_ENV = "PEGAFLOW_ENGINE_ENDPOINT"
 AUTH_TOKEN_ENV = "PEGAFLOW_AUTH_TOKEN"  # the shared secret of a server started with one
 _BACKOFF_START_S, _BACKOFF_MAX_S = 0.1, 5.0
-_POLLIN, _NOBLOCK = int(zmq.POLLIN), int(zmq.NOBLOCK)  # plain ints: enum arithmetic costs microseconds
+# Plain ints: enum arithmetic and lookups cost microseconds on every call.
+_POLLIN, _NOBLOCK, _EVENTS, _RCVTIMEO = int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.RCVTIMEO)
+_monotonic = time.monotonic
+_unpackb = msgpack.unpackb
 _STATELESS_OPS = frozenset(("query", "stats", "health", "register_instance", "unregister", "reset"))
 
 
@@ -91,22 +94,23 @@ def default_endpoint() -> str:
     return os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT
 
 
-def _hash_fields(hashes: Sequence[bytes], count: int | None = None) -> dict[str, Any]:
+def _hash_blob(hashes: Sequence[bytes], count: int | None = None) -> tuple[bytes, int]:
     """``hashes`` and ``hash_bytes`` as the protocol sends them: back to back, all one length."""
     if isinstance(hashes, (bytes, bytearray, str)):
         raise ValueError("hashes must be a sequence of bytes, one per block")
-    if count is not None and len(hashes) != count:
-        raise ValueError(f"{len(hashes)} hashes for {count} block ids")
-    if not hashes:
-        return {"hashes": b"", "hash_bytes": 32}
-    blob = b"".join(hashes)
+    n = len(hashes)
+    if count is not None and n != count:
+        raise ValueError(f"{n} hashes for {count} block ids")
+    if not n:
+        return b"", 32
+    blob = b"".join(hashes)  # the one pass over the hashes (it also refuses a non-bytes item)
     size = len(hashes[0])
     # O(1), not a pass over every hash: lengths that differ change the total (all but
     # contrived mixes that average out exactly; the server checks hash_bytes and the total).
-    if len(blob) != size * len(hashes):
-        raise ValueError(f"hashes must all have one length: {len(hashes)} hashes, the first of {size} bytes, "
+    if len(blob) != size * n:
+        raise ValueError(f"hashes must all have one length: {n} hashes, the first of {size} bytes, "
                          f"{len(blob)} bytes in all")
-    return {"hashes": blob, "hash_bytes": size}
+    return blob, size
 
 
 def _id_list(ids: Sequence[int] | Any) -> list[int]:
@@ -200,15 +204,17 @@ class PegaClient:
 
     def query(self, instance_id: str, hashes: Sequence[bytes]) -> int:
         """How many leading ``hashes`` the server holds on every rank."""
-        return self._call({"op": "query", "instance_id": instance_id, **_hash_fields(hashes)})["hits"]
+        blob, size = _hash_blob(hashes)
+        return self._call({"op": "query", "instance_id": instance_id, "hashes": blob, "hash_bytes": size})["hits"]
 
     def save(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
              hashes: Sequence[bytes], event: Any = None) -> None:
         """Start saving blocks; returns once accepted. ``event``: an interprocess CUDA event
         (or its IPC handle) recorded after the forward that wrote the blocks."""
         ids = _id_list(block_ids)
+        blob, size = _hash_blob(hashes, len(ids))
         msg = {"op": "save", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
-               **_hash_fields(hashes, len(ids))}
+               "hashes": blob, "hash_bytes": size}
         if event is not None:
             if not isinstance(event, (bytes, bytearray)):
                 from pegaflow.sharing import share_event
@@ -221,15 +227,16 @@ class PegaClient:
              hashes: Sequence[bytes]) -> None:
         """Start loading blocks ``hashes`` into ``block_ids``; returns once accepted."""
         ids = _id_list(block_ids)
+        blob, size = _hash_blob(hashes, len(ids))
         self._call({"op": "load", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
-                    **_hash_fields(hashes, len(ids))})
+                    "hashes": blob, "hash_bytes": size})
 
     def poll_completions(self, timeout_s: float = 0.0) -> list[Completion]:
         """Completions received so far; waits up to ``timeout_s`` for one if there are none."""
         with self._lock:
             if self._socket is not None:
-                deadline = time.monotonic() + max(0.0, timeout_s)
-                self._drain(deadline if not self._completions else 0.0)
+                now = _monotonic()
+                self._drain(now + timeout_s if timeout_s > 0 and not self._completions else 0.0, now)
             out, self._completions = self._completions, []
             return out
 
@@ -245,8 +252,10 @@ class PegaClient:
         return self._call({"op": "stats"})["stats"]
 
     def health(self) -> dict[str, Any]:
-        reply = self._call({"op": "health"})
-        return {k: v for k, v in reply.items() if k not in ("id", "ok")}
+        reply = self._call({"op": "health"})  # a fresh dict: trim it in place
+        reply.pop("id", None)
+        reply.pop("ok", None)
+        return reply
 
     def close(self) -> None:
         """End the session (the server releases its registrations now) and close the sockets."""
@@ -280,11 +289,13 @@ class PegaClient:
         with self._lock:
             if self._closed:
                 raise PegaClientError("client is closed")
-            deadline = time.monotonic() + self.timeout_s
+            now = _monotonic()
+            deadline = now + self.timeout_s
             if self._need_hello:
                 self._hello(deadline)
+                now = _monotonic()
             try:
-                return self._request(msg, deadline)
+                return self._request(msg, deadline, now)
             except PegaServerError as exc:
                 if exc.code != NO_SESSION:
                     raise
@@ -314,47 +325,56 @@ class PegaClient:
             self._hb_thread.start()
         return reply
 
-    def _request(self, msg: dict[str, Any], deadline: float) -> dict[str, Any]:
-        now = time.monotonic()
+    def _request(self, msg: dict[str, Any], deadline: float, now: float | None = None) -> dict[str, Any]:
+        """Send ``msg`` and return its reply. ``now``: the caller's clock reading, if it has one."""
+        if now is None:
+            now = _monotonic()
         if now < self._down_until:
             raise PegaTimeoutError(
                 f"server {self.endpoint} did not answer recently; retrying in {self._down_until - now:.2f} s"
             )
-        sock = self._ensure_socket()
+        sock = self._socket or self._ensure_socket()
         request_id = self._next_id
-        self._next_id += 1
+        self._next_id = request_id + 1
         msg["id"] = request_id
         payload = self._packer.pack(msg)
         # The common path is one send and one blocking receive (RCVTIMEO bounds it): no polls.
         try:
-            sock.send(payload, zmq.NOBLOCK)
+            sock.send(payload, _NOBLOCK)
         except zmq.Again:  # IMMEDIATE: no live connection yet; wait for one, up to the deadline
-            if not sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLOUT):
+            if not sock.poll(max(0, int((deadline - _monotonic()) * 1000)), zmq.POLLOUT):
                 self._fail(f"could not reach {self.endpoint} within {self.timeout_s} s")
             try:
-                sock.send(payload, zmq.NOBLOCK)
+                sock.send(payload, _NOBLOCK)
             except zmq.Again:
                 self._fail(f"could not send to {self.endpoint}")
+            now = _monotonic()
+        # From the clock reading taken before the send (microseconds ago, inside the 1 ms rounding
+        # up): for one client timeout this is the same value every call, so RCVTIMEO is set once.
+        remaining_ms = int((deadline - now) * 1000) + 1
         while True:
-            remaining_ms = int((deadline - time.monotonic()) * 1000) + 1
             if remaining_ms <= 0:
                 self._fail(f"no reply from {self.endpoint} to {msg['op']} within {self.timeout_s} s")
-            self._set_rcvtimeo(sock, remaining_ms)
+            if remaining_ms != self._rcvtimeo:
+                sock.setsockopt(_RCVTIMEO, remaining_ms)
+                self._rcvtimeo = remaining_ms
             try:
                 frame = sock.recv()
             except zmq.Again:
                 self._fail(f"no reply from {self.endpoint} to {msg['op']} within {self.timeout_s} s")
             reply = self._parse(frame)
-            if reply is None or reply.get("id") != request_id:
-                continue  # a completion (kept) or a stale reply to a timed-out request (dropped)
-            self._backoff = _BACKOFF_START_S
-            if not reply.get("ok"):
-                raise PegaServerError(str(reply.get("code")), str(reply.get("message")))
-            return reply
+            if reply is not None and reply.get("id") == request_id:
+                break
+            # A completion (kept) or a stale reply to a timed-out request (dropped): wait on.
+            remaining_ms = int((deadline - _monotonic()) * 1000) + 1
+        self._backoff = _BACKOFF_START_S
+        if not reply.get("ok"):
+            raise PegaServerError(str(reply.get("code")), str(reply.get("message")))
+        return reply
 
     def _parse(self, frame: bytes) -> dict[str, Any] | None:
         try:
-            reply = msgpack.unpackb(frame, raw=False)
+            reply = _unpackb(frame, raw=False)
         except Exception:
             logger.warning("dropped an unreadable message from %s", self.endpoint)
             return None
@@ -365,31 +385,33 @@ class PegaClient:
             return None
         return reply
 
-    def _drain(self, deadline: float) -> None:
+    def _drain(self, deadline: float, now: float | None = None) -> None:
         """Take every message already here; then, while no completion is buffered, block in
         one receive (bounded by ``deadline``) and take whatever arrived with it. A completion
-        is picked up the moment it arrives: no poll interval."""
+        is picked up the moment it arrives: no poll interval. ``now``: the caller's clock reading."""
         sock = self._socket
         assert sock is not None
+        parse = self._parse
         while True:
-            while sock.getsockopt(zmq.EVENTS) & _POLLIN:  # one call, no exception on "nothing"
-                self._parse(sock.recv(_NOBLOCK))
-            if self._completions:
+            while sock.getsockopt(_EVENTS) & _POLLIN:  # one call, no exception on "nothing"
+                parse(sock.recv(_NOBLOCK))
+            if self._completions or deadline <= 0.0:
                 return
-            remaining = deadline - time.monotonic()
+            if now is None:
+                now = _monotonic()
+            remaining = deadline - now
+            now = None
             if remaining <= 0:
                 return
-            self._set_rcvtimeo(sock, int(remaining * 1000) + 1)
+            ms = int(remaining * 1000) + 1
+            if ms != self._rcvtimeo:
+                sock.setsockopt(_RCVTIMEO, ms)
+                self._rcvtimeo = ms
             try:
                 frame = sock.recv()
             except zmq.Again:
                 return
-            self._parse(frame)
-
-    def _set_rcvtimeo(self, sock: zmq.Socket, ms: int) -> None:
-        if ms != self._rcvtimeo:
-            sock.setsockopt(zmq.RCVTIMEO, ms)
-            self._rcvtimeo = ms
+            parse(frame)
 
     def _ensure_socket(self) -> zmq.Socket:
         if self._socket is None:
@@ -433,10 +455,17 @@ class PegaClient:
             sock.close()
 
 
+_new = object.__new__
+
+
 def _completion(msg: dict[str, Any]) -> Completion:
-    return Completion(
+    # Filled in one dict update: a frozen dataclass's __init__ sets each field through
+    # object.__setattr__, twice the cost on the path of every completion. Same object.
+    done = _new(Completion)
+    done.__dict__.update(
         job_id=int(msg.get("job_id", -1)), kind=str(msg.get("kind", "")), ok=bool(msg.get("ok")),
         num_blocks=int(msg.get("num_blocks", 0)), nbytes=int(msg.get("nbytes", 0)),
         skipped=tuple(msg.get("skipped") or ()), missing=tuple(msg.get("missing") or ()),
         error=msg.get("error"),
     )
+    return done
