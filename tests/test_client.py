@@ -197,3 +197,47 @@ def test_no_session_renews_the_session_retries_stateless_calls_and_not_saves():
     finally:
         client.close()
         fake.close()
+
+
+def test_completion_from_a_push_is_a_plain_frozen_completion():
+    """Completions are built without the dataclass __init__ (speed): still equal, hashable, frozen."""
+    import dataclasses
+
+    from pegaflow.client import Completion, _completion
+
+    msg = {"op": "completion", "job_id": 7, "kind": "load", "ok": False, "num_blocks": 3, "nbytes": 12288,
+           "skipped": [], "missing": [0, 2], "error": "missing blocks"}
+    built = _completion(msg)
+    want = Completion(job_id=7, kind="load", ok=False, num_blocks=3, nbytes=12288, skipped=(), missing=(0, 2),
+                      error="missing blocks")
+    assert built == want and hash(built) == hash(want) and repr(built) == repr(want)
+    assert type(built.missing) is tuple
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.ok = True  # type: ignore[misc]
+    assert _completion({"op": "completion"}) == Completion(job_id=-1, kind="", ok=False)
+
+
+def test_health_reply_is_trimmed_and_rcvtimeo_set_once():
+    """health drops id/ok; calls with one timeout leave RCVTIMEO alone after the first."""
+    fake = FakeServer(lambda req: [hello_reply(req) if req["op"] == "hello" else
+                                   {"id": req["id"], "ok": True, "status": "ok"}])
+    client = PegaClient(fake.endpoint, timeout_s=2.0, heartbeat=False)
+    sock = None
+    try:
+        for _ in range(2):  # the first call's hello spends some of its deadline
+            assert client.health() == {"status": "ok"}
+        sock = client._socket
+        first = sock.getsockopt(zmq.RCVTIMEO)
+        assert 0 < first <= 2001
+        calls = []
+        real_setsockopt = sock.setsockopt
+        client._socket = type("Spy", (), {"__getattr__": lambda self, name: getattr(sock, name),
+                                          "setsockopt": lambda self, *a: (calls.append(a), real_setsockopt(*a))})()
+        for _ in range(3):
+            assert client.health() == {"status": "ok"}
+        assert calls == []
+    finally:
+        if sock is not None:
+            client._socket = sock
+        client.close()
+        fake.close()
