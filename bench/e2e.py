@@ -56,6 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool-size", default=None, help="server pool (default 24gb per rank, so the saved set of every rank fits beside a round of fresh saves; smoke 512kb)")
     p.add_argument("--staging-size", default=None, help="the server's --staging-size (default: the server's)")
     p.add_argument("--save-path", default=None, help="the server's --save-path (default: the server's)")
+    p.add_argument("--switch-interval", default=None, help="the server's --switch-interval (default: the server's)")
     p.add_argument("--steps", type=int, default=None, help="replay steps (default 250; smoke 60)")
     p.add_argument("--job-blocks", type=int, default=None, help="blocks per bulk job (default 512; smoke 8)")
     p.add_argument("--inflight", type=int, default=3, help="bulk jobs in flight per direction")
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"{shape.name} {args.layout} tp={args.tp}: {num_blocks} blocks of {block_bytes} bytes per rank "
         f"({num_blocks * block_bytes / GIB:.2f} GiB), pool {pool}, {'CPU smoke' if smoke else 'GPU ' + ','.join(devices)}")
     extra = (("--staging-size", args.staging_size) if args.staging_size else ()) + (
-        ("--save-path", args.save_path) if args.save_path else ())
+        ("--save-path", args.save_path) if args.save_path else ()) + (
+        ("--switch-interval", args.switch_interval) if args.switch_interval else ())
     server = ServerProcess(*extra, pool_size=pool, device="cpu" if smoke else ",".join(devices), client_timeout=60.0,
                            ready_timeout_s=180.0)
     log(f"server ready on {server.ipc}")
