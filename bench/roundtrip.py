@@ -36,16 +36,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, arg_parser, print_table, write_json  # noqa: E402
+from server_latency import percentile, timed, wait_job  # noqa: E402
 
 from pegaflow.client import PegaClient  # noqa: E402
 
 PAGE = 4096
 BLOCKS = 256
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 # ---- drivers ---------------------------------------------------------------------------------
@@ -88,15 +84,6 @@ def client_driver(endpoint: str, device: str, k: int = 1) -> tuple[PegaClient, C
         wait_job_(job)
 
     return client, save, load, backing
-
-
-def wait_job(client: PegaClient, job_id: int) -> None:
-    while True:
-        for done in client.poll_completions(timeout_s=5.0):
-            if done.job_id == job_id:
-                if not done.ok:
-                    raise RuntimeError(f"job {job_id} failed: {done.error}")
-                return
 
 
 def worker_driver(endpoint: str, device: str, k: int = 1) -> tuple[Any, Callable[[], None], Callable[[], None]]:
@@ -153,15 +140,6 @@ def worker_driver(endpoint: str, device: str, k: int = 1) -> tuple[Any, Callable
 
     save_with(held)
     return worker, lambda: save_with(tuple(os.urandom(32) for _ in range(k))), load
-
-
-def timed(fn: Callable[[], None], count: int) -> list[float]:
-    out = []
-    for _ in range(count):
-        t0 = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t0) * 1e6)
-    return out
 
 
 # ---- the traced server (--profile) -----------------------------------------------------------
@@ -344,9 +322,9 @@ def main() -> None:
         for _ in range(10):  # interleaved, so that every row sees the same machine load
             for key, fn in ops.items():
                 samples[key] += timed(fn, max(1, args.n // 10))
-        health = pct(samples[("client", "health")], 0.5)
+        health = percentile(samples[("client", "health")], 0.5)
         for (driver, op), values in samples.items():
-            p50, p99 = pct(values, 0.5), pct(values, 0.99)
+            p50, p99 = percentile(values, 0.5), percentile(values, 0.99)
             results[f"{driver}/{op}"] = {"p50_us": round(p50, 1), "p99_us": round(p99, 1),
                                          "mean_us": round(statistics.fmean(values), 1), "samples": len(values)}
             for q, value in (("p50", p50), ("p99", p99)):
