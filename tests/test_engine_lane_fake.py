@@ -129,12 +129,17 @@ def test_lane_round_trip_over_scattered_slots(fake_cuda, monkeypatch, mode, chun
         lane.close()
 
 
-def test_a_failing_launch_reports_the_error(fake_cuda):
+def small_lane(dma_min_row: int | None):
+    """A 2-layer, 8-block cache, a zeroed pool of 4 slots and a staged lane (DMA from ``dma_min_row``)."""
     cache = allocate_attention_kv_cache("LBNHC", num_layers=2, num_blocks=8, num_kv_heads=1, head_size=8,
                                         block_size=4, dtype=torch.bfloat16)  # fmt: skip
     slot = cache.regions.block_bytes
     pool = torch.zeros(4 * slot, dtype=torch.uint8)
-    lane = make_lane(pool, 4 * slot, False)
+    return cache, slot, pool, make_lane(pool, 4 * slot, False, dma_min_row)
+
+
+def test_a_failing_launch_reports_the_error(fake_cuda):
+    cache, slot, pool, lane = small_lane(None)
     try:
         ok, error = run(lane, SAVE, cache.regions, [0], [4 * slot], slot)  # past the pool's end
         assert not ok and "outside the pool" in error
@@ -146,11 +151,7 @@ def test_a_failing_launch_reports_the_error(fake_cuda):
 
 @pytest.mark.parametrize("mode", ["staged", "dma"])
 def test_a_producer_event_already_complete_is_not_waited_on_by_the_gpu(fake_cuda, mode):
-    cache = allocate_attention_kv_cache("LBNHC", num_layers=2, num_blocks=8, num_kv_heads=1, head_size=8,
-                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
-    slot = cache.regions.block_bytes
-    pool = torch.zeros(4 * slot, dtype=torch.uint8)
-    lane = make_lane(pool, 4 * slot, False, 0 if mode == "dma" else None)
+    cache, slot, pool, lane = small_lane(0 if mode == "dma" else None)
     try:
         done = FakeEvent()
         done.complete = True
@@ -163,11 +164,7 @@ def test_a_producer_event_already_complete_is_not_waited_on_by_the_gpu(fake_cuda
 
 
 def test_dma_saves_go_through_staging_while_loads_run(fake_cuda):
-    cache = allocate_attention_kv_cache("LBNHC", num_layers=2, num_blocks=8, num_kv_heads=1, head_size=8,
-                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
-    slot = cache.regions.block_bytes
-    pool = torch.zeros(4 * slot, dtype=torch.uint8)
-    lane = make_lane(pool, 4 * slot, False, 0)
+    cache, slot, pool, lane = small_lane(0)
     copies_2d = []
     lane._copy_2d[SAVE] = lambda *args: (copies_2d.append(args), FakeCopier2D().copy(*args))
     try:

@@ -478,25 +478,18 @@ class GpuLane:
         stride = job.kv.regions[0].block_stride
         pool, stream = self._pool.data_ptr(), path.dma.cuda_stream
         copy_2d, copy_1d = self._copy_2d[job.direction], self._dma
-        if job.direction == SAVE:
+        save = job.direction == SAVE
+        if save:
             _wait_for_producer(job, path.dma)
-            for rows in plan:
+        for rows in plan:
+            for b, off in zip(job.block_ids, job.offsets):
+                kv, slot = rows.src + b * stride, pool + off + rows.dst
+                dst, dst_pitch, src, src_pitch = (
+                    (slot, rows.dst_pitch, kv, rows.src_pitch) if save else (kv, rows.src_pitch, slot, rows.dst_pitch))
                 if rows.contiguous:
-                    for b, off in zip(job.block_ids, job.offsets):
-                        copy_1d(pool + off + rows.dst, rows.src + b * stride, rows.run_bytes, stream)
+                    copy_1d(dst, src, rows.run_bytes, stream)
                 else:
-                    for b, off in zip(job.block_ids, job.offsets):
-                        copy_2d(pool + off + rows.dst, rows.dst_pitch, rows.src + b * stride, rows.src_pitch,
-                                rows.width, rows.height, stream)
-        else:
-            for rows in plan:
-                if rows.contiguous:
-                    for b, off in zip(job.block_ids, job.offsets):
-                        copy_1d(rows.src + b * stride, pool + off + rows.dst, rows.run_bytes, stream)
-                else:
-                    for b, off in zip(job.block_ids, job.offsets):
-                        copy_2d(rows.src + b * stride, rows.src_pitch, pool + off + rows.dst, rows.dst_pitch,
-                                rows.width, rows.height, stream)
+                    copy_2d(dst, dst_pitch, src, src_pitch, rows.width, rows.height, stream)
 
     def _staged_load(self, path: _Path, job: CopyJob) -> None:
         self._check_slots(job)
