@@ -355,9 +355,7 @@ class PegaClient:
         while True:
             if remaining_ms <= 0:
                 self._fail(f"no reply from {self.endpoint} to {msg['op']} within {self.timeout_s} s")
-            if remaining_ms != self._rcvtimeo:
-                sock.setsockopt(_RCVTIMEO, remaining_ms)
-                self._rcvtimeo = remaining_ms
+            self._receive_within(sock, remaining_ms)
             try:
                 frame = sock.recv()
             except zmq.Again:
@@ -371,6 +369,12 @@ class PegaClient:
         if not reply.get("ok"):
             raise PegaServerError(str(reply.get("code")), str(reply.get("message")))
         return reply
+
+    def _receive_within(self, sock: zmq.Socket, ms: int) -> None:
+        """Bound the next receive by ``ms``; the socket option is set only when it changes."""
+        if ms != self._rcvtimeo:
+            sock.setsockopt(_RCVTIMEO, ms)
+            self._rcvtimeo = ms
 
     def _parse(self, frame: bytes) -> dict[str, Any] | None:
         try:
@@ -404,9 +408,7 @@ class PegaClient:
             if remaining <= 0:
                 return
             ms = int(remaining * 1000) + 1
-            if ms != self._rcvtimeo:
-                sock.setsockopt(_RCVTIMEO, ms)
-                self._rcvtimeo = ms
+            self._receive_within(sock, ms)
             try:
                 frame = sock.recv()
             except zmq.Again:

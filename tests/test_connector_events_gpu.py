@@ -6,7 +6,6 @@ orders each save after its own forward. Run on a GPU host with
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,18 +15,9 @@ from pegaflow.connector.link import EngineLink
 from pegaflow.connector.metadata import LoadJob, PegaConnectorMetadata, SaveJob
 from pegaflow.connector.worker_side import ConnectorWorker, InstanceGeometry
 from pegaflow.kernels.layouts import allocate_attention_kv_cache
+from test_connector_gpu import BLOCK, HEAD, HEADS, NUM_BLOCKS, NUM_LAYERS, kv_cache_config_for
 
 pytestmark = pytest.mark.gpu
-
-NUM_LAYERS, NUM_BLOCKS, HEADS, HEAD, BLOCK = 4, 64, 8, 128, 16
-
-
-def kv_cache_config_for(built, names):
-    placement = SimpleNamespace(
-        layers=list(names), offset=0, layer_stride=built.layer_stride, block_stride=built.block_stride, size=0
-    )
-    group = SimpleNamespace(layer_names=list(names), kv_cache_spec=SimpleNamespace(page_size_bytes=built.page_bytes))
-    return SimpleNamespace(kv_cache_tensors=[placement], kv_cache_groups=[group], num_blocks_of=lambda t: NUM_BLOCKS)
 
 
 def collect_until(worker, cond, timeout_s=30.0):
