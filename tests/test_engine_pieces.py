@@ -1,6 +1,6 @@
-"""Transfers booked and launched in pieces (the GPU lane's first and last staging chunk apart
-from the rest when the path is idle): the caller sees one transfer, with skipped and missing indices, counts and contents as if it were one piece.
-Run on the CPU with the CPU lane told that a chunk is 2 blocks (pieces [0, 2), [2, n - 2), [n - 2, n))."""
+"""Transfers booked and launched in pieces (on the GPU lane: growing pieces from the first
+staging chunks and the last ones apart on an idle path, the last ones apart on a busy one): the caller sees one transfer, with skipped and missing indices, counts and contents as if it were one piece.
+Run on the CPU with the CPU lane told that a chunk is 2 blocks (pieces [0, 2), [2, 6), ..., [n - 2, n))."""
 
 from __future__ import annotations
 
@@ -73,17 +73,27 @@ def test_merge_results_shifts_indices_and_keeps_the_first_copy_error():
     assert merge_results([(0, TransferResult(True, 2, 20))], 2) == TransferResult(True, 2, 20)
 
 
-def test_pieces_are_the_first_and_last_chunk_apart_from_the_rest():
+def test_pieces_grow_from_the_head_and_keep_the_tail_apart():
     from pegaflow.engine.engine import _pieces
 
-    assert _pieces(0, 4) == [(0, 0)]
-    assert _pieces(8, 4) == [(0, 8)]
-    assert _pieces(9, 4) == [(0, 4), (4, 5)]
-    assert _pieces(13, 4) == [(0, 4), (4, 5), (9, 4)]
-    assert _pieces(13, None) == [(0, 13)]
-    for count in range(40):
-        parts = _pieces(count, 3)
-        assert [i for first, n in parts for i in range(first, first + n)] == list(range(count))
+    # Idle path: head, doubling pieces, tail; no middle shorter than the tail.
+    assert _pieces(0, 4, 4) == [(0, 0)]
+    assert _pieces(8, 4, 4) == [(0, 8)]
+    assert _pieces(9, 4, 4) == [(0, 4), (4, 5)]
+    assert _pieces(13, 4, 4) == [(0, 4), (4, 5), (9, 4)]
+    assert _pieces(512, 64, 64) == [(0, 64), (64, 128), (192, 256), (448, 64)]
+    assert _pieces(625, 64, 64) == [(0, 64), (64, 128), (192, 256), (448, 113), (561, 64)]
+    assert _pieces(13, 4, None) == [(0, 4), (4, 5), (9, 4)]
+    # Busy path: the tail alone.
+    assert _pieces(13, None, 4) == [(0, 9), (9, 4)]
+    assert _pieces(7, None, 4) == [(0, 7)]
+    assert _pieces(13, None, None) == [(0, 13)]
+    for head in (None, 1, 3):
+        for tail in (None, 1, 3):
+            for count in range(60):
+                parts = _pieces(count, head, tail)
+                assert [i for first, n in parts for i in range(first, first + n)] == list(range(count))
+                assert all(n > 0 for _, n in parts) or count == 0
 
 
 def test_a_failed_copy_is_reported_even_where_blocks_were_missing_too():

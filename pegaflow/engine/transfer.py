@@ -20,6 +20,7 @@ import ctypes
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,12 @@ HEAD_CHUNKS = 2
 # jobs' block. Measured on the H200 (bench/roundtrip.py --profile, 1-block jobs): spinning
 # events took 40-120 us off a save's or a load's round trip.
 SPIN_MAX_BYTES = 16 << 20
+
+# Saves go by 2D DMA only once the load path has been idle this long: 2D DMA saves beside
+# staged loads held both directions to 0.78 of the two-direction ceiling end to end (H200),
+# staged saves 0.85; with loads coming and going, a save that found the load path idle for a
+# moment still ran beside the next loads.
+LOAD_QUIET_S = 0.05
 
 # A CPU job of at most this many pages (blocks x regions) is copied by address, one memmove
 # each (~1 us), on the caller's thread when its direction is idle: a thread hand-off and the
@@ -206,6 +213,10 @@ class CpuLane:
         """Blocks the engine may book and submit apart at each end (None: all at once)."""
         return None
 
+    def tail_blocks(self, direction: str, slot_bytes: int) -> int | None:
+        """Blocks the engine may book and submit apart at the end of a busy path's transfer."""
+        return None
+
     def _run(self, job: CopyJob, inline: bool = False) -> None:
         try:
             if inline:
@@ -276,6 +287,7 @@ class _Path:
         self.state_lock = threading.Lock()
         self.backlog = 0  # jobs handed to the launcher thread and not yet launched
         self.inflight = 0  # chunks launched and not yet completed
+        self.last_busy = float("-inf")  # time.monotonic() of the last launch or completion
 
     def buffers(self, slot_bytes: int) -> list[torch.Tensor]:
         """The two staging halves, grown (after draining) if one slot does not fit."""
@@ -321,6 +333,11 @@ class GpuLane:
             idle = path.inflight == 0 and path.backlog == 0
         return HEAD_CHUNKS * self._per_chunk(path, slot_bytes) if idle else None
 
+    def tail_blocks(self, direction: str, slot_bytes: int) -> int | None:
+        """HEAD_CHUNKS staging chunks' worth of blocks: a transfer's last piece, booked apart
+        so that the rest's completion bookkeeping overlaps its copy."""
+        return HEAD_CHUNKS * self._per_chunk(self._paths[direction], slot_bytes)
+
     def new_event(self, nbytes: int = 1 << 62) -> torch.cuda.Event:
         """The completion event of a job of ``nbytes``: a short job's spins (the completion
         thread sees its end within microseconds, not after an interrupt's wake-up), a longer
@@ -351,6 +368,7 @@ class GpuLane:
         with path.launch_lock:
             with path.state_lock:
                 path.inflight += chunks
+                path.last_busy = time.monotonic()
                 if queued:
                     path.backlog -= 1
             self._launch_locked(path, job, chunks)
@@ -358,6 +376,7 @@ class GpuLane:
     def _done(self, path: _Path, chunks: int) -> None:
         with path.state_lock:
             path.inflight -= chunks
+            path.last_busy = time.monotonic()
 
     def _launch_locked(self, path: _Path, job: CopyJob, chunks: int) -> None:
         event = job.handle._event
@@ -437,15 +456,15 @@ class GpuLane:
                 path.free[b].record(path.dma)
 
     def _dma_plan(self, kv: KVRegions) -> tuple[dma.Rows, ...] | None:
-        """How a save goes by the copy engines alone, or None for staging. While loads run,
-        their scatters use the SMs anyway, and staged saves share PCIe with them better: saves
+        """How a save goes by the copy engines alone, or None for staging. While loads run (or
+        ran within LOAD_QUIET_S), their scatters use the SMs anyway, and staged saves share PCIe with them better: saves
         and loads at once reached 0.79 of the two-direction ceiling with 2D DMA saves, 0.88
         staged (H200, end to end)."""
         if self._dma_min_row is None:
             return None
         load = self._paths[LOAD]
         with load.state_lock:
-            if load.inflight or load.backlog:
+            if load.inflight or load.backlog or time.monotonic() - load.last_busy < LOAD_QUIET_S:
                 return None
         return self._plan(kv)
 
