@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pegaflow.engine.transfer import Piece, chunk_runs, pieces
+from pegaflow.engine.transfer import Piece, chunk_runs, pieces, runs
 
 S = 4096
 
@@ -38,3 +38,23 @@ def test_chunk_runs_cover_every_block_once_in_order(slots, cap):
                 assert offsets[p.first + j] == p.offset + j * S  # consecutive slots within a piece
                 seen.append(p.first + j)
     assert seen == list(range(len(offsets)))
+
+
+def _runs_by_loop(offsets, slot, cap):
+    out, start = [], 0
+    for j in range(1, len(offsets) + 1):
+        if j == len(offsets) or offsets[j] != offsets[j - 1] + slot or j % cap == 0:
+            out.append((start, offsets[start], j - start))
+            start = j
+    return out
+
+
+@given(st.integers(0, 100), st.integers(0, 300), st.integers(1, 70),
+       st.lists(st.tuples(st.integers(0, 299), st.integers(0, 999)), max_size=3))
+def test_runs_of_long_jobs_match_the_plain_loop(base, n, cap, changes):
+    # Long jobs take the one-run fast path or numpy; both must cut exactly as the loop does.
+    offsets = [(base + i) * S for i in range(n)]
+    for i, slot in changes:
+        if i < n:
+            offsets[i] = slot * S
+    assert runs(offsets, S, cap) == _runs_by_loop(offsets, S, cap)

@@ -111,6 +111,10 @@ def runs(offsets: list[int], slot_bytes: int, max_count: int) -> list[tuple[int,
                 out.append((start, offsets[start], j - start))
                 start = j
         return out
+    first = offsets[0]
+    if offsets[-1] - first == (n - 1) * slot_bytes and offsets == list(range(first, first + n * slot_bytes, slot_bytes)):
+        # One run, as the allocator gives when it can: cut at the chunk boundaries only.
+        return [(a, first + a * slot_bytes, min(max_count, n - a)) for a in range(0, n, max_count)]
     at = np.asarray(offsets, dtype=np.int64)
     cut = np.diff(at) != slot_bytes
     cut |= (np.arange(1, n) % max_count) == 0
