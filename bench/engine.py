@@ -191,7 +191,7 @@ def main() -> None:
     parser.add_argument("--burst-gib", type=float, default=1.0, help="least bytes per timed burst, each way")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--head-chunks", type=int, default=None,
-                        help="override transfer.HEAD_CHUNKS (staging chunks booked apart at each end of a transfer)")
+                        help="override transfer.HEAD_CHUNKS (staging chunks of a transfer's first piece on an idle path)")
     parser.add_argument("--modes", default="staged,dma,zero_copy",
                         help="save modes to measure (dma: saves by the copy engines alone, loads staged)")
     parser.add_argument("--sweep", default="4,8,16,32,64,128", help="staging MiB to sweep ('' to skip)")

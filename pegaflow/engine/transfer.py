@@ -46,11 +46,13 @@ LOAD = "load"
 # never blocks on it; a queued job's launches may.
 INLINE_MAX_CHUNKS = 64
 
-# On an idle path the engine books and launches a transfer's head (and tail) apart from its
-# middle: copying starts after the head's bookkeeping, and the middle's bookkeeping (~1.5 ms
-# for 448 blocks with evictions on the H200's host) must hide behind the head's copies. One
-# 64 MiB chunk carries ~1.2 ms of DMA, two carry ~2.4 ms.
+# On an idle path the engine books and launches a transfer's head apart, then pieces twice as
+# long, then its tail: copying starts after the head's bookkeeping, and each piece's
+# bookkeeping hides behind the copies of the one before. One 64 MiB chunk carries ~1.2 ms of
+# DMA. The tail (on busy paths too) lets the rest's completion bookkeeping overlap its copy;
+# loads of at most TAIL_CHUNKS go by 2D DMA (see GpuLane._dma_load_plan).
 HEAD_CHUNKS = 2
+TAIL_CHUNKS = 2
 
 # Completion events of jobs up to this size spin-wait (about 0.3 ms of copy at most); larger
 # jobs' block. Measured on the H200 (bench/roundtrip.py --profile, 1-block jobs): spinning
@@ -338,9 +340,9 @@ class GpuLane:
         return HEAD_CHUNKS * self._per_chunk(path, slot_bytes) if idle else None
 
     def tail_blocks(self, direction: str, slot_bytes: int) -> int | None:
-        """HEAD_CHUNKS staging chunks' worth of blocks: a transfer's last piece, booked apart
+        """TAIL_CHUNKS staging chunks' worth of blocks: a transfer's last piece, booked apart
         so that the rest's completion bookkeeping overlaps its copy."""
-        return HEAD_CHUNKS * self._per_chunk(self._paths[direction], slot_bytes)
+        return TAIL_CHUNKS * self._per_chunk(self._paths[direction], slot_bytes)
 
     def new_event(self, nbytes: int = 1 << 62) -> torch.cuda.Event:
         """The completion event of a job of ``nbytes``: a short job's spins (the completion
@@ -473,12 +475,12 @@ class GpuLane:
         return self._plan(kv)
 
     def _dma_load_plan(self, path: _Path, job: CopyJob) -> tuple[dma.Rows, ...] | None:
-        """Loads of up to one transfer head (HEAD_CHUNKS staging chunks) go by the copy engines
+        """Loads of up to one transfer tail (TAIL_CHUNKS staging chunks) go by the copy engines
         alone: a staged load costs the host ~0.4 ms more to launch (the id table's upload, a
         Triton launch, stream and event calls), more than 2D DMA loses to staging's bandwidth
         (0.93 against 0.97-0.98 of PCIe with 64 KiB rows) on up to ~400 MiB. A long load's
         head and tail pieces are such loads; its middle is staged."""
-        if self._dma_min_row is None or len(job.offsets) > HEAD_CHUNKS * self._per_chunk(path, job.slot_bytes):
+        if self._dma_min_row is None or len(job.offsets) > TAIL_CHUNKS * self._per_chunk(path, job.slot_bytes):
             return None
         return self._plan(job.kv)
 
