@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import msgpack
 import torch
 
 from pegaflow.engine import TransferHandle, TransferResult
+from pegaflow.engine.index import BlockIndex
 from pegaflow.server import protocol as P
-from pegaflow.server.service import Service
+from pegaflow.server.service import TOUCH_SLICE, Service
 from pegaflow.sharing import handle_to_wire, share_storage
 
 ME = b"P" + b"m" * 15
@@ -171,3 +173,64 @@ def test_a_transfer_done_when_started_is_pushed_from_its_start():
     (identity, frame), = pushed
     assert identity == ME and msgpack.unpackb(frame)["job_id"] == 4 and not service.has_completions
     assert save(service, 0.0, job_id=5)["ok"] and len(pushed) == 2  # every one, once
+
+
+def _query(service: Service, hashes: list[bytes], request_id: int = 9) -> dict:
+    reply = call(service, 0.0, op="query", id=request_id, instance_id="i", hashes=b"".join(hashes), hash_bytes=32)
+    assert reply is not None and reply["ok"], reply
+    return reply
+
+
+def test_query_refreshes_wait_for_an_idle_loop_and_stop_when_a_message_comes():
+    service, engine, _ = setup()
+    engine.index = index = BlockIndex(1 << 20, 30.0)
+    namespace = service.namespaces["i"]
+    held = [os.urandom(32) for _ in range(300)]
+    index.complete_save(index.prepare_save(namespace, held, 0, 1, 256), True)
+    waits: list[int] = []
+    service.wait_input = lambda ms: waits.append(ms) or True  # the loop's: a message always waits
+    assert _query(service, held)["hits"] == 300
+    # Nothing applied and no wait after the reply: the loop waits in its receive.
+    assert service.touches_pending and index.pending_touches() == 300 and waits == []
+    service.apply_idle_touches()  # one slice, then the waiting message goes first
+    assert waits == [0] and service.touches_pending and index.pending_touches() == 300 - TOUCH_SLICE
+    service.wait_input = lambda ms: False
+    service.apply_idle_touches()
+    assert not service.touches_pending and index.pending_touches() == 0
+    service.wait_input = None  # no loop: applied at once
+    assert _query(service, [os.urandom(32)] + held)["hits"] == 0
+    assert _query(service, held[100:])["hits"] == 200
+    assert not service.touches_pending and index.pending_touches() == 0
+    assert index.lru_keys() == [(namespace, h) for h in held]
+
+
+def test_the_loop_applies_query_refreshes_once_idle(tmp_path):
+    from pegaflow.client import PegaClient
+    from pegaflow.engine import Engine, EngineConfig
+    from pegaflow.server.loop import LoopConfig, ServerLoop
+
+    endpoint = f"ipc://{tmp_path}/s.sock"
+    loop = ServerLoop(LoopConfig(endpoint=endpoint, tcp=None, client_timeout_s=30.0),
+                      Engine(EngineConfig(pool_bytes=1 << 20)), ())
+    loop.bind()
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    index = loop.service.engine.index
+    try:
+        with PegaClient(endpoint, timeout_s=10.0, heartbeat=False) as client:
+            namespace = client.register_instance("i", model="m", kv_dtype="int8", layout="l", block_size=16,
+                                                 page_bytes=[256])
+            held = [os.urandom(32) for _ in range(500)]
+            index.complete_save(index.prepare_save(namespace, held, 0, 1, 256), True)
+            for round_ in range(3):
+                assert client.query("i", held[round_:]) == 500 - round_
+                deadline = time.monotonic() + 10.0  # applied ~1 ms after the reply: wait for that
+                while index.pending_touches() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+                assert index.pending_touches() == 0
+                assert client.health()["status"] == "ok"  # and the loop serves on
+            assert index.lru_keys() == [(namespace, h) for h in held[:2] + held[2:]]
+    finally:
+        loop.request_stop()
+        thread.join(30)
+    assert not thread.is_alive()

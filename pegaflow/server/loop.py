@@ -1,10 +1,11 @@
 """The server's event loop: one thread owns the ROUTER socket.
 
-It blocks in one ``recv`` on the ROUTER (bounded by RCVTIMEO: the sweep period), answers
-requests through :class:`Service`, pushes completions, and sweeps silent sessions every
-heartbeat period. Engine threads (completions) and the signal handler wake it with a frame
-on an inproc DEALER connected to the same ROUTER, so the hot path is one recv and one send
-per request: no poller, no pipe. A stop request (SIGINT/SIGTERM) makes
+It blocks in one ``recv`` on the ROUTER (bounded by RCVTIMEO: the sweep period, or
+``TOUCH_IDLE_MS`` while queries' LRU refreshes wait to be applied: they are applied when
+that receive times out), answers requests through :class:`Service`, pushes completions, and
+sweeps silent sessions every heartbeat period. Engine threads (completions) and the signal
+handler wake it with a frame on an inproc DEALER connected to the same ROUTER, so the hot
+path is one recv and one send per request: no poller, no pipe. A stop request (SIGINT/SIGTERM) makes
 new requests fail with ``shutting_down``, lets transfers in flight finish for up to
 ``drain_timeout_s`` (then reports them failed), closes every registration, closes the
 engine, removes the IPC socket file and returns.
@@ -25,7 +26,7 @@ import zmq
 
 from pegaflow.server import exposure
 from pegaflow.server import protocol as P
-from pegaflow.server.service import Service
+from pegaflow.server.service import TOUCH_IDLE_MS, Service
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ _WAKE_IDENTITY = b"\xffpegaflow-wake"
 _WAKE_ENDPOINT = "inproc://pegaflow-wake"
 _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _SEND_LAST = int(zmq.NOBLOCK)
+_RCVTIMEO, _EVENTS, _POLLIN = int(zmq.RCVTIMEO), int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 @dataclass(frozen=True)
@@ -144,14 +146,23 @@ class ServerLoop:
         assert router is not None, "bind() first"
         service.loop_thread = threading.get_ident()
         period = service.heartbeat_s
-        router.setsockopt(zmq.RCVTIMEO, max(1, int(period * 1000)))
+        sweep_ms = max(1, int(period * 1000))
+        rcvtimeo = sweep_ms
+        router.setsockopt(zmq.RCVTIMEO, rcvtimeo)
         next_sweep = time.monotonic() + period
         drain_deadline = None
         while True:
+            # Pending LRU refreshes: wait TOUCH_IDLE_MS in the receive itself, then apply them.
+            want = TOUCH_IDLE_MS if service.touches_pending else sweep_ms if drain_deadline is None else 50
+            if want != rcvtimeo:
+                router.setsockopt(_RCVTIMEO, want)
+                rcvtimeo = want
             try:
                 parts = router.recv_multipart()
             except zmq.Again:
-                parts = None  # idle for a sweep period
+                parts = None  # idle for TOUCH_IDLE_MS or a sweep period
+                if service.touches_pending:
+                    service.apply_idle_touches()
             if parts is not None:
                 identity = parts[0]
                 try:
@@ -172,8 +183,7 @@ class ServerLoop:
                 if drain_deadline is None:
                     logger.info("stopping: refusing new requests, %d transfer(s) in flight", len(service.jobs))
                     service.stopping = True
-                    drain_deadline = now + self.config.drain_timeout_s
-                    router.setsockopt(zmq.RCVTIMEO, 50)  # look at the drain often
+                    drain_deadline = now + self.config.drain_timeout_s  # then RCVTIMEO 50 ms: look often
                 self._push(service.completions())
                 if not service.jobs:
                     break
@@ -226,7 +236,7 @@ class ServerLoop:
     def _wait_input(self, timeout_ms: int) -> bool:
         """Whether a message waits on the ROUTER, after waiting up to ``timeout_ms`` for one."""
         if timeout_ms <= 0:
-            return bool(self.router.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+            return bool(self.router.getsockopt(_EVENTS) & _POLLIN)
         return bool(zmq.zmq_poll([(self.router, zmq.POLLIN)], timeout_ms))
 
     def _push(self, items: list[tuple[bytes, bytes]]) -> None:
