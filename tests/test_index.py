@@ -659,3 +659,41 @@ class IndexAgainstEagerModel(RuleBasedStateMachine):
 
 IndexAgainstEagerModel.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 test_index_against_eager_model = IndexAgainstEagerModel.TestCase
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_merged_runs_of_many_entries_match_a_plain_merge(ranks):
+    from hypothesis import given
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.integers(0, 400), min_size=66, max_size=120, unique=True))
+    def check(slots):
+        # Large victim sets take numpy's path: the runs must be those of a sort-and-merge loop.
+        entries = [index_module.Entry(NS, h(i), S, tuple((slots[i] + 500 * r) * S for r in range(ranks)), 0.0, 0)
+                   for i in range(len(slots))]
+        spans = sorted(o for e in entries for o in e.slots)
+        expected: list[list[int]] = []
+        for o in spans:
+            if expected and expected[-1][0] + expected[-1][1] == o:
+                expected[-1][1] += S
+            else:
+                expected.append([o, S])
+        assert index_module._merged_runs(entries) == [tuple(r) for r in expected]
+
+    check()
+
+
+def test_eviction_of_many_equal_entries_takes_exactly_the_oldest_needed():
+    index = BlockIndex(100 * S, 30.0)
+    save(index, range(60), ns="a@1")
+    save(index, range(20), ns="b@2", slot=2 * S)  # the pool is full
+    save(index, range(100, 150), ns="a@1")  # evicts a@1's 0..49, oldest first, in one step
+    assert index.counters["evictions"] == 50
+    assert index.lru_keys() == ([("a@1", h(i)) for i in range(50, 60)] + [("b@2", h(i)) for i in range(20)]
+                                + [("a@1", h(i)) for i in range(100, 150)])
+    assert index.allocator.used_bytes == 100 * S and len(index) == 10 + 20 + 50
+    # 60 S more: a@1's 50..59 (10 S), b@2's 0..19 (40 S), then a@1's 100..109 (10 S), and no more.
+    save(index, range(200, 230), ns="b@2", slot=2 * S)
+    assert index.counters["evictions"] == 50 + 10 + 20 + 10
+    assert index.lru_keys() == [("a@1", h(i)) for i in range(110, 150)] + [("b@2", h(i)) for i in range(200, 230)]
+    assert index.allocator.used_bytes == 100 * S and index.stats()["pool_free"] == 0

@@ -36,7 +36,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from itertools import chain, islice
+from itertools import chain, islice, repeat
+
+import numpy as np
 
 from pegaflow.engine.allocator import SlotAllocator
 
@@ -545,7 +547,9 @@ class BlockIndex:
                 slots.append(tuple(got))
             count = len(slots)
         now = self._clock()
-        entries = [Entry(namespace, h, slot_bytes, s, now, in_flight) for h, s in zip(fresh, slots)]
+        # map over repeat() calls the constructor from C: no comprehension frame per entry.
+        entries = list(map(Entry, repeat(namespace, count), fresh, repeat(slot_bytes), slots, repeat(now),
+                           repeat(in_flight)))
         self._pending.setdefault(namespace, {}).update(zip(fresh, entries))
         self._writing.update(dict.fromkeys(entries))
         self._count += count
@@ -562,12 +566,7 @@ class BlockIndex:
         evicted: list[Entry] = []
         while not alloc.can_allocate(count, slot_bytes):
             shortfall = max(count * slot_bytes - alloc.free_bytes, slot_bytes)
-            batch: list[Entry] = []
-            while self._lru and shortfall > 0:
-                victim, _ = self._lru.popitem(last=False)
-                self._pop(victim)
-                batch.append(victim)
-                shortfall -= victim.slot_bytes * len(victim.slots)
+            batch = self._evict_lru(shortfall)
             if not batch:
                 self._restore(evicted)
                 return None
@@ -583,6 +582,38 @@ class BlockIndex:
             start = runs[0].offset
             return list(range(start, start + count * slot_bytes, slot_bytes))
         return [run.offset + k * slot_bytes for run in runs for k in range(run.count)]
+
+    def _evict_lru(self, shortfall: int) -> list[Entry]:
+        """Take least recently used entries out of the index until their bytes cover
+        ``shortfall`` (or none are left), oldest first.
+
+        Runs of victims as large as the oldest go in one step (a slice of the order, deleted
+        and unindexed in C): a 512-block save's eviction cost ~0.8 ms of Python one by one on
+        the dev machine. Victims of other sizes go one by one, so exactly the same entries go.
+        """
+        lru = self._lru
+        batch: list[Entry] = []
+        while lru and shortfall > 0:
+            oldest = next(iter(lru))
+            size = oldest.slot_bytes * len(oldest.slots)
+            taken = list(islice(lru, min(len(lru), -(-shortfall // size))))
+            sizes = set(map(operator.mul, map(_slot_bytes_of, taken), map(len, map(_slots_of, taken))))
+            if len(taken) > 1 and sizes != {size}:
+                taken = [oldest]
+            _drain(map(lru.__delitem__, taken))
+            namespace = oldest.namespace
+            table = self._ready[namespace]  # LRU entries are READY
+            if len(taken) > 1 and set(map(_namespace_of, taken)) == {namespace}:
+                _drain(map(table.__delitem__, map(_hash_of, taken)))
+                if not table:
+                    del self._ready[namespace]
+                self._count -= len(taken)
+            else:
+                for victim in taken:
+                    self._pop(victim)
+            batch += taken
+            shortfall -= size * len(taken)
+        return batch
 
     def _restore(self, evicted: list[Entry]) -> None:
         """Undo an eviction that could not make room: the allocator and index are unchanged."""
@@ -639,8 +670,23 @@ def _first(pair: tuple[int, Entry]) -> int:
 _hash_of = operator.attrgetter("hash")
 
 
+_namespace_of = operator.attrgetter("namespace")
+_slots_of = operator.attrgetter("slots")
+_slot_bytes_of = operator.attrgetter("slot_bytes")
+
+
 def _merged_runs(entries: list[Entry]) -> list[tuple[int, int]]:
     """The entries' slots as sorted (offset, nbytes) runs, adjacent slots merged."""
+    if len(entries) > 32:
+        sizes = set(map(_slot_bytes_of, entries))
+        if len(sizes) == 1:  # one slot size (the common case): sorted and merged by numpy
+            size = sizes.pop()
+            offsets = np.fromiter(chain.from_iterable(map(_slots_of, entries)), dtype=np.int64)
+            offsets.sort()
+            cuts = np.flatnonzero(np.diff(offsets) != size) + 1
+            starts = np.concatenate(([0], cuts))
+            counts = np.diff(np.concatenate((starts, [offsets.size])))
+            return list(zip(offsets[starts].tolist(), (counts * size).tolist()))
     spans = sorted((offset, entry.slot_bytes) for entry in entries for offset in entry.slots)
     runs: list[tuple[int, int]] = []
     for offset, nbytes in spans:
