@@ -286,14 +286,19 @@ def breakdown(stamps: list[tuple[str, int]], client_stamps: dict[str, list[tuple
 
 
 def main() -> None:
+    global PAGE
     parser = arg_parser(__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu, or cuda:N (server on that GPU, caches on it)")
     parser.add_argument("-n", type=int, default=1000, help="round trips per row")
     parser.add_argument("--profile", action="store_true", help="print the per-hop breakdown instead")
     parser.add_argument("--blocks", type=int, default=1, help="blocks per save and load (at most 56)")
+    parser.add_argument("--page", type=int, default=PAGE,
+                        help="bytes per page of the client's 2-region cache (65536: Llama-3-8B's rows, which saves "
+                             "and loads take by 2D DMA; 4096: staged)")
     parser.add_argument("--spin-events", action="store_true",
                         help="--profile on a GPU: completion events spin (torch.cuda.Event(blocking=False)), an A/B")
     args = parser.parse_args()
+    PAGE = args.page
     if args.profile:
         result = profile(args.device, args.n, args.blocks, args.spin_events)
         for kind, res in result.items():
