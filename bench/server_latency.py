@@ -1,10 +1,11 @@
 """Round trips to a real PegaFlow server (CPU mode) over IPC and TCP, against a bare ZMQ echo.
 
 For each transport and operation: health, query of 1,000 hashes (all held, and the first one
-missing), save of one block and load of one block (send to completion). Each is timed from
-the client's call to its answer; the ceiling is a bare pyzmq ROUTER (another process) echoing
-the very bytes of that request to a DEALER, measured in the same run, interleaved round by
-round with ours so that both see the same machine load.
+missing), the same two queries as prebuilt frames on a bare DEALER (``-raw``: the server's share
+alone, without the client's encode and decode), save of one block and load of one block (send
+to completion). Each is timed from the client's call to its answer; the ceiling is a bare
+pyzmq ROUTER (another process) echoing the very bytes of that request to a DEALER, measured in
+the same run, interleaved round by round with ours so that both see the same machine load.
 
 Rows: ``value`` is our p50 or p99 in microseconds, ``ceiling`` the echo's; ``ratio`` is
 echo / ours (higher is better; 1/1.3 = 0.77 is the p50 target, 1/3 = 0.33 the p99 one).
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, arg_parser, print_table, write_json  # noqa: E402
 
 from pegaflow.client import PegaClient  # noqa: E402
+from pegaflow.server.protocol import PROTOCOL_VERSION  # noqa: E402
 from pegaflow.server.spawn import ServerProcess  # noqa: E402
 
 QUERY_HASHES = 1000
@@ -59,9 +61,9 @@ class Echo:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.connect(endpoint)
 
-    def round_trip(self, payload: bytes) -> None:
+    def round_trip(self, payload: bytes) -> bytes:
         self.sock.send(payload)
-        self.sock.recv()
+        return self.sock.recv()
 
     def close(self) -> None:
         self.sock.close()
@@ -121,6 +123,9 @@ def main() -> None:
     ipc = extra["results"]["ipc"]["query-hit"]
     print(f"\nquery of {QUERY_HASHES} held hashes over IPC: p50 {ipc['p50_x_echo']:.2f}x the echo's "
           f"(target <= {TARGET_P50}), p99 {ipc['p99_x_echo']:.2f}x (target <= {TARGET_P99})")
+    for name in ("query-miss", "query-hit-raw", "query-miss-raw"):
+        row = extra["results"]["ipc"][name]
+        print(f"{name} over IPC: p50 {row['p50_x_echo']:.2f}x the echo's, p99 {row['p99_x_echo']:.2f}x")
     write_json(args.json, "server_latency", rows, extra)
 
 
@@ -157,12 +162,22 @@ def measure(transport: str, endpoint: str, echo_endpoint: str, rounds: int, per_
         return msgpack.packb({"id": 1, **msg}, use_bin_type=True)
 
     blob = b"".join(held)
+    # The same queries as prebuilt frames on a bare DEALER with its own session: the server's
+    # share of the round trip alone, without the client's encode (the hashes' join, msgpack)
+    # and decode.
+    raw = Echo(endpoint)
+    raw.round_trip(packed({"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(), "name": "bench-raw"}))
+    hit_frame = packed({"op": "query", "instance_id": instance, "hashes": blob, "hash_bytes": 32})
+    miss_frame = packed({"op": "query", "instance_id": instance, "hashes": b"".join(missing), "hash_bytes": 32})
+    assert msgpack.unpackb(raw.round_trip(hit_frame))["hits"] == QUERY_HASHES
     ops: dict[str, tuple[Callable[[], None], bytes]] = {
         "health": (client.health, packed({"op": "health"})),
         "query-hit": (lambda: client.query(instance, held),
                       packed({"op": "query", "instance_id": instance, "hashes": blob, "hash_bytes": 32})),
         "query-miss": (lambda: client.query(instance, missing),
                        packed({"op": "query", "instance_id": instance, "hashes": blob, "hash_bytes": 32})),
+        "query-hit-raw": (lambda: raw.round_trip(hit_frame), hit_frame),
+        "query-miss-raw": (lambda: raw.round_trip(miss_frame), miss_frame),
         "save-1-block": (save_one, packed({"op": "save", "instance_id": instance, "rank": 0, "job_id": 5,
                                            "block_ids": [3], "hashes": os.urandom(32), "hash_bytes": 32})),
         "load-1-block": (load_one, packed({"op": "load", "instance_id": instance, "rank": 0, "job_id": 5,
@@ -179,6 +194,7 @@ def measure(transport: str, endpoint: str, echo_endpoint: str, rounds: int, per_
             ours[name] += timed(fn, per_round)
     client.close()
     echo.close()
+    raw.close()
 
     rows = []
     results[transport] = {}
