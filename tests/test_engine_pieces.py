@@ -4,8 +4,6 @@ Run on the CPU with the CPU lane told that a chunk is 2 blocks (pieces [0, 2), [
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -105,43 +103,3 @@ def test_a_failed_copy_is_reported_even_where_blocks_were_missing_too():
     assert merged.missing == (2, 4) and merged.error == "RuntimeError: cuMemcpyAsync failed"
     only_missing = [(0, TransferResult(False, 3, 30, missing=(2,), error="1 of 4 blocks not held")), parts[1]]
     assert merge_results(only_missing, 8).error == "2 of 8 blocks not held"
-
-
-def test_an_idle_paths_later_pieces_are_booked_by_the_lanes_thread_after_the_call_returns(chunks_of_2):
-    engine, cache = chunks_of_2
-    torch.manual_seed(7)
-    reset(cache)
-    lane = engine._lanes[None]
-    gate = threading.Event()
-    lane.defer("save", gate.wait)  # hold the save thread: what is deferred waits behind this
-    src, keys = list(range(8)), hashes(8)
-    expected = [block_bytes_of(cache, b) for b in src]
-    handle = engine.save("vllm-0", 0, src, keys)
-    # The call returned with its first piece (2 blocks) booked; the rest is not booked yet.
-    assert engine.index.state_of(engine._instances["vllm-0"].namespace, keys[2]) is None
-    assert not handle.done()
-    gate.set()
-    result = handle.wait(10)
-    assert result == TransferResult(True, 8, 8 * cache.regions.block_bytes)
-    reset(cache)
-    assert engine.load("vllm-0", 0, src, keys).wait(10).ok
-    assert [block_bytes_of(cache, b) for b in src] == expected
-
-
-def test_a_later_piece_that_cannot_be_booked_fails_the_transfer_not_the_lane(chunks_of_2, monkeypatch):
-    engine, cache = chunks_of_2
-    reset(cache)
-    real = engine.index.prepare_save
-    calls = []
-
-    def flaky(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("index broke")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(engine.index, "prepare_save", flaky)
-    result = engine.save("vllm-0", 0, list(range(8)), hashes(8)).wait(10)
-    assert not result.ok and result.error == "RuntimeError: index broke"
-    assert result.num_blocks == 4  # pieces [0, 2) and [6, 8) were saved, [2, 6) failed
-    assert engine.save("vllm-0", 0, [9, 10], hashes(2)).wait(10).ok  # the lane still works

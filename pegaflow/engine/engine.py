@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import operator
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from pegaflow.engine.config import EngineConfig, InstanceSpec
-from pegaflow.engine.handle import LaterHandle, TransferHandle, TransferResult, combine, missing_error
+from pegaflow.engine.handle import TransferHandle, TransferResult, combine, missing_error
 from pegaflow.engine.index import BlockIndex, LoadPlan
 from pegaflow.engine.pool import PinnedPool
 from pegaflow.engine.transfer import LOAD, SAVE, CopyJob, CpuLane, GpuLane
@@ -28,10 +28,6 @@ logger = logging.getLogger(__name__)
 # Slots start on 256-byte boundaries whatever the mix of instances' block sizes, so the
 # kernels always copy in their widest words and DMAs stay aligned.
 SLOT_ALIGN = 256
-
-# On an idle path, a transfer's pieces after the first are booked and launched by the path's
-# own thread (Engine._book).
-DEFER_LATER_PIECES = True
 
 
 def _slot_bytes(block_bytes: int) -> int:
@@ -188,13 +184,9 @@ class Engine:
         inst, kv, lane, ids = self._check_transfer(instance_id, rank, block_ids, hashes)
         with self._lock:
             self._counters["saves"] += 1
-        head = lane.head_blocks(SAVE, inst.slot_bytes)
-        parts = _pieces(len(ids), head, lane.tail_blocks(SAVE, inst.slot_bytes))
-
-        def book(i: int, n: int, on_worker: bool = False) -> TransferHandle:
-            return self._save_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n], after_event, on_worker)
-
-        return self._book(lane, SAVE, parts, book, len(ids), idle=head is not None)
+        parts = _pieces(len(ids), lane.head_blocks(SAVE, inst.slot_bytes), lane.tail_blocks(SAVE, inst.slot_bytes))
+        return combine([(i, self._save_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n], after_event))
+                        for i, n in parts], len(ids))
 
     def load(self, instance_id: str, rank: int, block_ids: Sequence[int], hashes: Sequence[bytes]) -> TransferHandle:
         """Copy the pool's blocks ``hashes`` into blocks ``block_ids`` of the rank's KV cache.
@@ -207,13 +199,9 @@ class Engine:
             raise ValueError("block_ids holds duplicates: two loads would write the same block")
         with self._lock:
             self._counters["loads"] += 1
-        head = lane.head_blocks(LOAD, inst.slot_bytes)
-        parts = _pieces(len(ids), head, lane.tail_blocks(LOAD, inst.slot_bytes))
-
-        def book(i: int, n: int, on_worker: bool = False) -> TransferHandle:
-            return self._load_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n], on_worker)
-
-        return self._book(lane, LOAD, parts, book, len(ids), idle=head is not None)
+        parts = _pieces(len(ids), lane.head_blocks(LOAD, inst.slot_bytes), lane.tail_blocks(LOAD, inst.slot_bytes))
+        return combine([(i, self._load_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n]))
+                        for i, n in parts], len(ids))
 
     # A transfer that finds its path idle is booked and launched in growing pieces with its
     # last piece apart (see _pieces): copies start after one head's bookkeeping, and the last
@@ -223,31 +211,8 @@ class Engine:
     # off its tail only: one piece per chunk there cost more in bookkeeping and uploads than it
     # saved (saves and loads at once fell from 0.84-0.92 to 0.66-0.91 of the ceiling).
 
-    def _book(self, lane: Any, direction: str, parts: list[tuple[int, int]],
-              book: Callable[..., TransferHandle], total: int, idle: bool) -> TransferHandle:
-        """Book and launch a transfer's pieces. On an idle path only the first is booked here;
-        the path's own thread books and launches the rest (DEFER_LATER_PIECES), so the caller
-        (the server's loop) is free for the next request after one head's bookkeeping: a
-        1 GiB save no longer holds back a load that arrives behind it for its whole booking
-        (~4-5 ms on the H200's host)."""
-        if not (idle and DEFER_LATER_PIECES and len(parts) > 1):
-            return combine([(i, book(i, n)) for i, n in parts], total)
-        first = book(*parts[0])
-        later = [(i, LaterHandle()) for i, _ in parts[1:]]
-
-        def book_later() -> None:
-            for (i, n), (_, handle) in zip(parts[1:], later):
-                try:
-                    handle.bind(book(i, n, on_worker=True))
-                except Exception as exc:  # the caller learns it from the result, as for a copy
-                    logger.exception("%s of blocks [%d, %d) could not be booked", direction, i, i + n)
-                    handle.fail(f"{type(exc).__name__}: {exc}")
-
-        lane.defer(direction, book_later)
-        return combine([(parts[0][0], first), *later], total)
-
     def _save_piece(self, inst: _Instance, kv: KVRegions, lane: Any, rank: int, ids: list[int],
-                    hashes: Sequence[bytes], after_event: Any, on_worker: bool = False) -> TransferHandle:
+                    hashes: Sequence[bytes], after_event: Any) -> TransferHandle:
         spec = inst.spec
         plan = self.index.prepare_save(
             inst.namespace, hashes, 0 if spec.replicated else rank, spec.stored_ranks, inst.slot_bytes
@@ -272,11 +237,11 @@ class Engine:
 
         job = CopyJob(SAVE, kv, [ids[i] for i, _ in plan.writes], plan.offsets(), inst.slot_bytes, handle,
                       finish, after_event)  # fmt: skip
-        lane.submit(job, on_worker)
+        lane.submit(job)
         return handle
 
     def _load_piece(self, inst: _Instance, kv: KVRegions, lane: Any, rank: int, ids: list[int],
-                    hashes: Sequence[bytes], on_worker: bool = False) -> TransferHandle:
+                    hashes: Sequence[bytes]) -> TransferHandle:
         spec = inst.spec
         plan = self.index.prepare_load(inst.namespace, hashes, 0 if spec.replicated else rank)
         missing = missing_error(len(plan.missing), len(ids))
@@ -307,7 +272,7 @@ class Engine:
                                             missing=plan.missing, error=error or missing))
 
         job = CopyJob(LOAD, kv, [ids[i] for i, _ in plan.reads], plan.offsets(), inst.slot_bytes, handle, finish)
-        lane.submit(job, on_worker)
+        lane.submit(job)
         return handle
 
     def stats(self) -> dict[str, int | float]:

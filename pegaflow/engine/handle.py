@@ -121,29 +121,6 @@ class TransferHandle:
         return handle
 
 
-class LaterHandle(TransferHandle):
-    """A piece of a transfer that an engine thread books later: done when the piece's own
-    handle (:meth:`bind`) is, or failed if it could not be booked (:meth:`fail`)."""
-
-    def __init__(self) -> None:
-        super().__init__(None)
-        self._launched = False  # `event` waits until the piece is bound
-        self._inner: TransferHandle | None = None
-
-    def bind(self, inner: TransferHandle) -> None:
-        self._inner = inner
-        self._mark_launched()
-        inner.add_done_callback(self._complete)
-
-    def fail(self, error: str) -> None:
-        self._complete(TransferResult(False, 0, 0, error=error))
-
-    @property
-    def event(self) -> Any:
-        TransferHandle.event.fget(self)  # waits until bound (or failed)
-        return self._inner.event if self._inner is not None else None
-
-
 class _CombinedHandle(TransferHandle):
     """One transfer moved in pieces: done when every piece is; its event is the last
     launched piece's (pieces run in order on the same streams, so it completes last)."""
@@ -152,6 +129,7 @@ class _CombinedHandle(TransferHandle):
         super().__init__(None)
         self._pieces = pieces
         self._total = total
+        self._last = next((h for _, h in reversed(pieces) if h._event is not None), None)
         self._left = len(pieces)
         self._count_lock = threading.Lock()
         for _, piece in pieces:
@@ -159,11 +137,7 @@ class _CombinedHandle(TransferHandle):
 
     @property
     def event(self) -> Any:
-        for _, piece in reversed(self._pieces):  # pieces that copied nothing have none
-            event = piece.event
-            if event is not None:
-                return event
-        return None
+        return self._last.event if self._last is not None else None
 
     def _piece_done(self, _: TransferResult) -> None:
         with self._count_lock:

@@ -208,19 +208,12 @@ class CpuLane:
         self._pool_ptr = pool.data_ptr()
         self._workers = {SAVE: _Worker("pegaflow-cpu-save"), LOAD: _Worker("pegaflow-cpu-load")}
 
-    def submit(self, job: CopyJob, on_worker: bool = False) -> None:
-        """``on_worker``: called from this direction's thread (a deferred booking): copy now."""
+    def submit(self, job: CopyJob) -> None:
         worker = self._workers[job.direction]
-        if on_worker:
-            self._run(job)
-        elif len(job.offsets) * len(job.kv.regions) <= CPU_INLINE_PAGES and worker.idle():
+        if len(job.offsets) * len(job.kv.regions) <= CPU_INLINE_PAGES and worker.idle():
             self._run(job, inline=True)
         else:
             worker.put(lambda: self._run(job))
-
-    def defer(self, direction: str, fn: Callable[[], None]) -> None:
-        """Run ``fn`` on the direction's thread, after what is queued there."""
-        self._workers[direction].put(fn)
 
     def head_blocks(self, direction: str, slot_bytes: int) -> int | None:
         """Blocks the engine may book and submit apart at each end (None: all at once)."""
@@ -357,17 +350,13 @@ class GpuLane:
         one's blocks, so that the thread sleeps through the copy instead of holding a core."""
         return torch.cuda.Event(blocking=nbytes > SPIN_MAX_BYTES)
 
-    def submit(self, job: CopyJob, on_worker: bool = False) -> None:
+    def submit(self, job: CopyJob) -> None:
         """Enqueue the job's copies: on the caller's thread when nothing is queued and the GPU
         queue is short (see INLINE_MAX_CHUNKS), else on the launcher thread, in order. An
         inline caller may wait for a launch already in progress (a few milliseconds at most),
-        never for the GPU. ``on_worker``: called from the path's launcher thread (a deferred
-        booking, see :meth:`defer`): launch now."""
+        never for the GPU."""
         path = self._paths[job.direction]
         chunks = -(-len(job.offsets) // self._per_chunk(path, job.slot_bytes))
-        if on_worker:
-            self._launch(path, job, chunks)
-            return
         with path.state_lock:
             inline = path.backlog == 0 and (path.inflight == 0 or path.inflight + chunks <= INLINE_MAX_CHUNKS)
             if not inline:
@@ -376,23 +365,6 @@ class GpuLane:
             self._launch(path, job, chunks)
         else:
             path.launcher.put(lambda: self._launch(path, job, chunks, queued=True))
-
-    def defer(self, direction: str, fn: Callable[[], None]) -> None:
-        """Run ``fn`` (the engine booking and launching a transfer's later pieces) on the path's
-        launcher thread. Until it has run, the path counts as busy and later submits queue
-        behind it, so transfers still launch in the order they were made."""
-        path = self._paths[direction]
-        with path.state_lock:
-            path.backlog += 1
-
-        def run() -> None:
-            try:
-                fn()
-            finally:
-                with path.state_lock:
-                    path.backlog -= 1
-
-        path.launcher.put(run)
 
     def close(self) -> None:
         for path in self._paths.values():
