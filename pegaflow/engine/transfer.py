@@ -20,7 +20,6 @@ import ctypes
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,12 +57,6 @@ TAIL_CHUNKS = 2
 # jobs' block. Measured on the H200 (bench/roundtrip.py --profile, 1-block jobs): spinning
 # events took 40-120 us off a save's or a load's round trip.
 SPIN_MAX_BYTES = 16 << 20
-
-# Saves go by 2D DMA only once the load path has been idle this long: 2D DMA saves beside
-# staged loads held both directions to 0.78 of the two-direction ceiling end to end (H200),
-# staged saves 0.85; with loads coming and going, a save that found the load path idle for a
-# moment still ran beside the next loads.
-LOAD_QUIET_S = 0.05
 
 # A CPU job of at most this many pages (blocks x regions) is copied by address, one memmove
 # each (~1 us), on the caller's thread when its direction is idle: a thread hand-off and the
@@ -293,7 +286,6 @@ class _Path:
         self.state_lock = threading.Lock()
         self.backlog = 0  # jobs handed to the launcher thread and not yet launched
         self.inflight = 0  # chunks launched and not yet completed
-        self.last_busy = float("-inf")  # time.monotonic() of the last launch or completion
 
     def buffers(self, slot_bytes: int) -> list[torch.Tensor]:
         """The two staging halves, grown (after draining) if one slot does not fit."""
@@ -374,7 +366,6 @@ class GpuLane:
         with path.launch_lock:
             with path.state_lock:
                 path.inflight += chunks
-                path.last_busy = time.monotonic()
                 if queued:
                     path.backlog -= 1
             self._launch_locked(path, job, chunks)
@@ -382,7 +373,6 @@ class GpuLane:
     def _done(self, path: _Path, chunks: int) -> None:
         with path.state_lock:
             path.inflight -= chunks
-            path.last_busy = time.monotonic()
 
     def _launch_locked(self, path: _Path, job: CopyJob, chunks: int) -> None:
         event = job.handle._event
@@ -462,15 +452,15 @@ class GpuLane:
                 path.free[b].record(path.dma)
 
     def _dma_plan(self, kv: KVRegions) -> tuple[dma.Rows, ...] | None:
-        """How a save goes by the copy engines alone, or None for staging. While loads run (or
-        ran within LOAD_QUIET_S), their scatters use the SMs anyway, and staged saves share PCIe with them better: saves
+        """How a save goes by the copy engines alone, or None for staging. While loads run,
+        their scatters use the SMs anyway, and staged saves share PCIe with them better: saves
         and loads at once reached 0.79 of the two-direction ceiling with 2D DMA saves, 0.88
         staged (H200, end to end)."""
         if self._dma_min_row is None:
             return None
         load = self._paths[LOAD]
         with load.state_lock:
-            if load.inflight or load.backlog or time.monotonic() - load.last_busy < LOAD_QUIET_S:
+            if load.inflight or load.backlog:
                 return None
         return self._plan(kv)
 
