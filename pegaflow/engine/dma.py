@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 
 _lock = threading.Lock()
-_driver: ctypes.PyDLL | None = None
+_driver: ctypes.CDLL | None = None
 _UNIFIED = 4  # CU_MEMORYTYPE_UNIFIED: the driver tells device from (registered) host addresses
 # CU_DEVICE_ATTRIBUTE_MAX_PITCH is 2^31 - 1 on Hopper; a layer stride past it (a KV cache of
 # over ~2 GiB per layer) is not expressible as one 2D copy.
@@ -38,15 +38,11 @@ class _Copy2D(ctypes.Structure):
     ]
 
 
-def _lib() -> ctypes.PyDLL:
+def _lib() -> ctypes.CDLL:
     global _driver
     with _lock:
         if _driver is None:
-            # PyDLL: the calls keep the GIL. They only enqueue (a few microseconds), and a
-            # thread that gives the GIL up in every call waits up to the switch interval to get
-            # it back whenever another thread is runnable (on the H200 with one busy Python
-            # thread beside it, a 1-block launch took 10.5 ms instead of 32 us).
-            lib = ctypes.PyDLL("libcuda.so.1")
+            lib = ctypes.CDLL("libcuda.so.1")
             lib.cuMemcpyAsync.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
             lib.cuMemcpyAsync.restype = ctypes.c_int
             lib.cuMemcpy2DAsync_v2.argtypes = [ctypes.POINTER(_Copy2D), ctypes.c_void_p]
