@@ -145,7 +145,15 @@ def worker_driver(endpoint: str, device: str, k: int = 1) -> tuple[Any, Callable
 # ---- the traced server (--profile) -----------------------------------------------------------
 
 
-def traced_server(endpoint: str, device: str, out_path: str, ready: Any, spin: bool = False) -> None:
+def pool_bytes_for(saves: int, k: int) -> int:
+    """A pool that holds every block the run saves (fresh hashes each time) beside the held
+    set: if saves evicted that set, the loads of it would fail (they did with --blocks 32)."""
+    block = 2 * max(PAGE, 4096)  # the client's two regions (the worker's smoke blocks are smaller)
+    return max(64 << 20, (saves + 4) * k * block * 2)
+
+
+def traced_server(endpoint: str, device: str, out_path: str, ready: Any, spin: bool = False,
+                  pool_bytes: int = 64 << 20) -> None:
     """A server in this process with stamps around its stages; dumps them on SIGTERM.
 
     ``spin``: the GPU lanes' completion events spin instead of blocking (an A/B of the
@@ -178,7 +186,7 @@ def traced_server(endpoint: str, device: str, out_path: str, ready: Any, spin: b
         setattr(owner, name, traced)
 
     devices = () if device == "cpu" else (torch.device(device).index or 0,)
-    engine = Engine(EngineConfig(pool_bytes=64 << 20, devices=devices))
+    engine = Engine(EngineConfig(pool_bytes=pool_bytes, devices=devices))
     server = ServerLoop(LoopConfig(endpoint=endpoint, tcp=None, client_timeout_s=30.0), engine, devices)
     server.bind()
     router = server.router
@@ -235,7 +243,8 @@ def profile(device: str, n: int, k: int = 1, spin: bool = False) -> dict[str, An
     endpoint, out_path = f"ipc://{workdir}/s.sock", f"{workdir}/stamps.pkl"
     ctx = mp.get_context("spawn")
     ready = ctx.Queue()
-    proc = ctx.Process(target=traced_server, args=(endpoint, device, out_path, ready, spin))
+    proc = ctx.Process(target=traced_server, args=(endpoint, device, out_path, ready, spin,
+                                                   pool_bytes_for(n + 50, k)))
     proc.start()
     ready.get(timeout=120)
     client, save, load, _backing = client_driver(endpoint, device, k)
@@ -311,7 +320,9 @@ def main() -> None:
     from pegaflow.server.spawn import ServerProcess
 
     server_device = "cpu" if args.device == "cpu" else str(torch.device(args.device).index or 0)
-    server = ServerProcess(pool_size="256mb", client_timeout=30.0, device=server_device)
+    # Client and worker each save 50 + n times (warm-up, then n in rounds).
+    server = ServerProcess(pool_size=str(pool_bytes_for(2 * (args.n + 50), args.blocks)), client_timeout=30.0,
+                           device=server_device)
     rows: list[Row] = []
     results: dict[str, Any] = {}
     try:
