@@ -226,9 +226,7 @@ class ServerLoop:
             reply = service.handle_frame(identity, parts[1], time.monotonic())
         if reply is not None:
             self._send(identity, reply, keep=False)
-        service.start_deferred()
-        if service.has_completions:  # transfers that completed on this thread: no wake-up came
-            self._push(service.completions())
+        service.start_deferred()  # a transfer done at once is pushed from its start (Service._start)
         pending = service.take_pending(identity)
         if pending:
             self._push([(identity, frame) for frame in pending])
