@@ -103,3 +103,77 @@ def test_a_failed_copy_is_reported_even_where_blocks_were_missing_too():
     assert merged.missing == (2, 4) and merged.error == "RuntimeError: cuMemcpyAsync failed"
     only_missing = [(0, TransferResult(False, 3, 30, missing=(2,), error="1 of 4 blocks not held")), parts[1]]
     assert merge_results(only_missing, 8).error == "2 of 8 blocks not held"
+
+
+def test_pieces_capped_by_most_cut_a_busy_body_too():
+    from pegaflow.engine.engine import _pieces
+
+    assert _pieces(512, 64, 64, most=256) == [(0, 64), (64, 128), (192, 256), (448, 64)]  # idle: unchanged
+    assert _pieces(1024, 64, 64, most=256) == [(0, 64), (64, 128), (192, 256), (448, 256), (704, 256), (960, 64)]
+    assert _pieces(512, None, 64, most=256) == [(0, 256), (256, 192), (448, 64)]
+    assert _pieces(200, None, None, most=64) == [(0, 64), (64, 64), (128, 64), (192, 8)]
+    assert _pieces(100, None, 64, most=256) == [(0, 100)]
+    for head in (None, 1, 3):
+        for tail in (None, 1, 3):
+            for most in (1, 2, 5):
+                for count in range(40):
+                    parts = _pieces(count, head, tail, most)
+                    assert [i for first, n in parts for i in range(first, first + n)] == list(range(count))
+                    # Short transfers stay whole, and a remainder shorter than the tail joins it.
+                    assert all(n <= max(most, 2 * (head or 0), 2 * (tail or head or 0)) for _, n in parts)
+
+
+def test_transfers_started_step_by_step_interleave_and_round_trip(chunks_of_2):
+    engine, cache = chunks_of_2
+    torch.manual_seed(7)
+    reset(cache)
+    src, dst = list(range(0, 10)), list(range(12, 22))
+    keys, old_keys = hashes(10), hashes(10)
+    assert engine.save("vllm-0", 0, list(range(10, 20)), old_keys).wait(10).ok
+    held = [block_bytes_of(cache, b) for b in range(10, 20)]
+    expected = [block_bytes_of(cache, b) for b in src]
+    save = engine.begin_save("vllm-0", 0, src, keys, interleave=True)
+    load = engine.begin_load("vllm-0", 0, dst, old_keys, interleave=True)
+    steps = 0
+    while save.handle is None or load.handle is None:  # saves and loads take turns, as the server's loop does
+        for transfer in (save, load):
+            steps += transfer.step() or transfer.handle is not None
+    assert steps > 4  # several pieces each
+    assert save.handle.wait(10) == TransferResult(True, 10, 10 * cache.regions.block_bytes)
+    assert load.handle.wait(10) == TransferResult(True, 10, 10 * cache.regions.block_bytes)
+    assert [block_bytes_of(cache, b) for b in dst] == held
+    reset(cache)
+    assert engine.load("vllm-0", 0, src, keys).wait(10).ok
+    assert [block_bytes_of(cache, b) for b in src] == expected
+
+
+def test_a_transfer_whose_rank_is_unregistered_midway_fails_the_rest_and_keeps_what_started(chunks_of_2):
+    engine, cache = chunks_of_2
+    torch.manual_seed(8)
+    reset(cache)
+    keys = hashes(10)
+    save = engine.begin_save("vllm-0", 0, list(range(10)), keys)
+    assert save.step() and save.handle is None  # the head piece: blocks 0-1
+    engine.unregister_kv("vllm-0", 0)
+    assert not save.step()
+    result = save.handle.wait(10)
+    assert not result.ok and result.num_blocks == 2 and "unregistered before the transfer was fully started" in result.error
+    assert engine.query("vllm-0", keys) == 2  # what started completed; nothing of the rest is booked
+    assert engine.stats()["entries"] == 2
+
+
+def test_a_cancelled_load_releases_its_pins_and_reports_the_rest_failed(chunks_of_2):
+    engine, cache = chunks_of_2
+    torch.manual_seed(9)
+    reset(cache)
+    keys = hashes(10)
+    assert engine.save("vllm-0", 0, list(range(10)), keys).wait(10).ok
+    load = engine.begin_load("vllm-0", 0, list(range(12, 22)), keys)
+    assert load.step()
+    load.cancel("the client went away")
+    assert not load.step()
+    result = load.handle.wait(10)
+    assert not result.ok and result.num_blocks == 2 and result.error == "the client went away"
+    stats = engine.stats()
+    assert stats["entries_pinned"] == 0 and stats["loads_pinned"] == 0
+    assert engine.query("vllm-0", keys) == 10  # a cancelled load forgets nothing
