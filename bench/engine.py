@@ -104,11 +104,11 @@ class Case:
 
 
 def in_turns(transfers: list) -> list:
-    """Start the transfers as the server's loop does when they arrive together: one piece per
-    turn, loads and saves taking turns; their handles."""
+    """Start the transfers as the server's loop does when they arrive together: each one's first
+    piece at once, then one piece per turn, loads and saves taking turns; their handles."""
     turns = Turns()
     for t in transfers:
-        turns.add(t, None, lambda _: None)
+        turns.start(t, None, lambda _: None)
     while turns:
         turns.step()
     return [t.handle for t in transfers]

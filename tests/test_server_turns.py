@@ -77,10 +77,11 @@ def test_a_load_accepted_behind_a_save_starts_before_the_save_has_finished_start
     expected_new = pages[0:10].clone()
     assert transfer(service, "save", 2, list(range(10)), new)["ok"]
     assert transfer(service, "load", 3, list(range(20, 30)), old)["ok"]
-    assert order == [] and service.stepping  # accepted; pieces start in turns
+    assert order == ["save", "load"] and service.stepping  # each one's first piece, at acceptance
     while service.stepping:
         service.step()
-    assert order == ["load", "save"] * 4  # loads first, then each direction in its turn
+    assert order[:4] == ["save", "load", "load", "save"]  # then turns: each direction in its turn
+    assert order.count("save") == order.count("load") == 4
     done = finished(service)
     assert done[2]["ok"] and done[2]["num_blocks"] == 10 and done[3]["ok"] and done[3]["num_blocks"] == 10
     assert torch.equal(pages[20:30], held) and torch.equal(pages[0:10], expected_new)
@@ -95,7 +96,6 @@ def test_a_session_that_expires_midway_cancels_the_rest_and_releases_its_mapping
     service, engine, _, _ = served
     keys = [os.urandom(32) for _ in range(10)]
     assert transfer(service, "save", 5, list(range(10)), keys)["ok"]
-    service.step()  # the first piece
     assert service.stepping and service.open_mappings == 1
     service.sweep(10.0)  # silent past the client timeout: its registration closes
     assert service.open_mappings == 1  # a piece started: the mapping stays until the job ends
@@ -114,8 +114,7 @@ def test_shutdown_cancels_the_pieces_not_started():
     pieces = [TransferHandle() for _ in range(3)]
     t = Transfer("save", 3, lambda: [(0, 1), (1, 1), (2, 1)], lambda first, n: pieces[first], lambda: None)
     turns = Turns()
-    turns.add(t, Held(), started.append)
-    turns.step()
+    turns.start(t, Held(), started.append)
     assert turns and not started
     turns.cancel_all("stopping")
     assert started == [t] and not turns
@@ -135,11 +134,11 @@ def test_turns_alternate_directions_and_keep_each_direction_in_order():
                             TransferResult(True, 1, 1)))[1], lambda: None)
 
     turns, done = Turns(), []
-    turns.add(make("s", "save", 3), Reg(), done.append)
-    turns.add(make("S", "save", 2), Reg(), done.append)
-    turns.add(make("l", "load", 2), Reg(), done.append)
-    assert log == []
+    turns.start(make("s", "save", 3), Reg(), done.append)
+    turns.start(make("S", "save", 2), Reg(), done.append)
+    turns.start(make("l", "load", 2), Reg(), done.append)
+    assert log == ["s0", "S0", "l0"]
     while turns:
         turns.step()
-    assert log == ["l0", "s0", "l1", "s1", "s2", "S0", "S1"]
+    assert log == ["s0", "S0", "l0", "l1", "s1", "s2", "S1"]
     assert [t.handle.wait(0).num_blocks for t in done] == [2, 3, 2]  # l, s, S in the order they finished

@@ -37,8 +37,6 @@ _WAKE_ENDPOINT = "inproc://pegaflow-wake"
 _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _SEND_LAST = int(zmq.NOBLOCK)
 _RCVTIMEO, _EVENTS, _POLLIN = int(zmq.RCVTIMEO), int(zmq.EVENTS), int(zmq.POLLIN)
-# While transfers have pieces left to start, at most this many requests are served between two pieces.
-TURN_REQUESTS = 8
 
 
 @dataclass(frozen=True)
@@ -154,7 +152,6 @@ class ServerLoop:
         router.setsockopt(zmq.RCVTIMEO, rcvtimeo)
         next_sweep = time.monotonic() + period
         drain_deadline = None
-        served = 0  # requests served since the last piece started
         while True:
             # Pieces of transfers left to start: look for a request without waiting, then start one.
             # Pending LRU refreshes: wait TOUCH_IDLE_MS in the receive itself, then apply them.
@@ -182,12 +179,8 @@ class ServerLoop:
                         self._serve(identity, parts)
                 except Exception:  # a bug: log it and keep serving the other clients
                     logger.exception("failed to serve a message from %r", identity)
-                served += 1
-            # Requests that wait go first (a transfer's submitter waits for its acceptance),
-            # but at least every TURN_REQUESTS of them a piece starts.
-            if service.stepping and (parts is None or served >= TURN_REQUESTS or not self._input_waiting()):
+            if service.stepping:  # one piece per turn: requests and pieces take turns
                 service.step()
-                served = 0
             now = time.monotonic()
             if now >= next_sweep:
                 self._push(service.completions())
@@ -244,9 +237,6 @@ class ServerLoop:
         pending = service.take_pending(identity)
         if pending:
             self._push([(identity, frame) for frame in pending])
-
-    def _input_waiting(self) -> bool:
-        return bool(self.router.getsockopt(_EVENTS) & _POLLIN)
 
     def _wait_input(self, timeout_ms: int) -> bool:
         """Whether a message waits on the ROUTER, after waiting up to ``timeout_ms`` for one."""

@@ -383,8 +383,8 @@ class Service:
         return P.ok_reply(req.id, job_id=req.job_id)
 
     def start_deferred(self) -> None:
-        """Begin the transfers accepted by the last reply (the loop calls it after sending);
-        the loop starts their pieces with :meth:`step` between requests.
+        """Start the transfers accepted by the last reply (the loop calls it after sending):
+        their first pieces; the loop starts the others with :meth:`step` between requests.
 
         The queries' LRU refreshes stay logged (beyond ``TOUCH_BACKLOG`` the excess is applied
         now): the loop applies them with :meth:`apply_idle_touches` once its socket has been
@@ -442,7 +442,7 @@ class Service:
             self._on_done(identity, req.job_id, TransferResult(ok=False, num_blocks=0, nbytes=0,
                                                                error=f"{type(exc).__name__}: {exc}"))
         else:
-            self._turns.add(transfer, registration, partial(self._watch, identity, req.job_id))
+            self._turns.start(transfer, registration, partial(self._watch, identity, req.job_id))
         self._push_done_here()
 
     def _watch(self, identity: bytes, job_id: int, transfer: Any) -> None:

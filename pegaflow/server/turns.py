@@ -4,9 +4,9 @@ A 1 GiB save is several milliseconds of the host's bookkeeping (the index, block
 launches). Started whole, it kept the loop from the requests behind it: end to end on the
 H200, loads that arrived just after saves started ~10 ms after them, and saves and loads at
 once reached 0.78-0.80 of the two-direction ceiling while each direction ran at 0.9 of its
-half. Here the loop answers the requests that wait first, then starts one piece per turn,
-loads and saves taking turns, so that both directions' copies start within about one
-piece's bookkeeping and a request waits for one piece at most.
+half. Here each transfer's first piece starts as soon as it is accepted; its other pieces
+start one per turn of the loop, between requests, with loads and saves taking turns, so
+that both directions' copies start within about one piece's bookkeeping.
 """
 
 from __future__ import annotations
@@ -36,16 +36,18 @@ class Turns:
     def __len__(self) -> int:
         return len(self._queues[_SAVE]) + len(self._queues[_LOAD])
 
-    def add(self, transfer: Transfer, registration: Any, on_started: Callable[[Transfer], None]) -> None:
-        """Queue ``transfer``: its pieces start one per :meth:`step`. ``on_started(transfer)``
-        runs once every piece has started (or the rest was cancelled): ``transfer.handle`` is
-        set. A ``registration`` (the server's) that is ``closing`` cancels the pieces not
-        started; None: nothing cancels them (in-process callers such as bench/engine.py)."""
-        self._queues[transfer.direction].append((transfer, registration, on_started))
+    def start(self, transfer: Transfer, registration: Any, on_started: Callable[[Transfer], None]) -> None:
+        """Start ``transfer``'s first piece now; queue the rest. ``on_started(transfer)`` runs
+        once every piece has started (or the rest was cancelled): ``transfer.handle`` is set.
+        A ``registration`` (the server's) that is ``closing`` cancels the pieces not started;
+        None: nothing cancels them (in-process callers such as bench/engine.py)."""
+        if self._advance(transfer, registration):
+            self._queues[transfer.direction].append((transfer, registration, on_started))
+        else:
+            on_started(transfer)
 
     def step(self) -> None:
-        """Start one piece: of the oldest transfer of the direction whose turn it is (loads
-        first when both wait)."""
+        """Start one piece: of the oldest transfer of the direction whose turn it is."""
         other = _LOAD if self._last == _SAVE else _SAVE
         direction = other if self._queues[other] else self._last
         queue = self._queues[direction]
