@@ -38,7 +38,6 @@ from pegaflow.engine import Engine, EngineConfig, InstanceSpec  # noqa: E402
 from pegaflow.engine.config import DEFAULT_STAGING_BYTES  # noqa: E402
 from pegaflow.engine.pool import PinnedPool  # noqa: E402
 from pegaflow.engine import transfer  # noqa: E402
-from pegaflow.server.turns import Turns  # noqa: E402
 from pegaflow.engine.transfer import GpuLane  # noqa: E402
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -95,33 +94,14 @@ class Case:
     def load(self):
         return lambda: self.engine.load(self.name, 0, self.load_ids, self.held)
 
-    def begin_save(self):
-        hashes = self.fresh_hashes()
-        return lambda: self.engine.begin_save(self.name, 0, self.save_ids, hashes, interleave=True)
-
-    def begin_load(self):
-        return lambda: self.engine.begin_load(self.name, 0, self.load_ids, self.held, interleave=True)
-
-
-def in_turns(transfers: list) -> list:
-    """Start the transfers as the server's loop does when they arrive together: each one's first
-    piece at once, then one piece per turn, loads and saves taking turns; their handles."""
-    turns = Turns()
-    for t in transfers:
-        turns.start(t, None, lambda _: None)
-    while turns:
-        turns.step()
-    return [t.handle for t in transfers]
-
 
 # Per burst kind, what the wall-clock rate hides: time to submit everything, and the rate
 # between the first and the last completion (the pipeline once full: no fill, no drain).
 DIAGNOSTICS: dict[str, dict[str, float]] = {}
 
 
-def burst_gbps(case: Case, submit, count: int, repeat: int, label: str = "", turns: bool = False) -> float:
-    """GB/s of ``count`` transfers submitted back to back, wall clock to the last completion.
-    ``turns``: ``submit`` begins transfers, started piece by piece in turns (:func:`in_turns`)."""
+def burst_gbps(case: Case, submit, count: int, repeat: int, label: str = "") -> float:
+    """GB/s of ``count`` transfers submitted back to back, wall clock to the last completion."""
     rates, submits, steady = [], [], []
     for i in range(repeat + 1):  # the first round warms up
         case.keep_held()
@@ -130,7 +110,7 @@ def burst_gbps(case: Case, submit, count: int, repeat: int, label: str = "", tur
         calls = [make() for _ in range(count) for make in submit]
         done: list[float] = []
         start = time.perf_counter()
-        handles = in_turns([fn() for fn in calls]) if turns else [fn() for fn in calls]
+        handles = [fn() for fn in calls]
         submitted = time.perf_counter()
         for h in handles:
             h.add_done_callback(lambda _, done=done: done.append(time.perf_counter()))
@@ -257,17 +237,12 @@ def main() -> None:
             save = burst_gbps(case, [case.save], k, args.repeat, f"{case.name}/{mode}/save")
             load = burst_gbps(case, [case.load], k, args.repeat, f"{case.name}/{mode}/load")
             both = burst_gbps(case, [case.save, case.load], k, args.repeat, f"{case.name}/{mode}/both")
-            # As the server runs them: begun, then started piece by piece in turns.
-            both_turns = burst_gbps(case, [case.begin_save, case.begin_load], k, args.repeat,
-                                    f"{case.name}/{mode}/both-turns", turns=True)
             c = ceiling[case.name]
             note = f"{args.blocks} blocks of {case.spec.block_bytes} B, bursts of {k}"
             rows.append(Row(case.name, "save", f"engine-{mode}", True, save, "GB/s", c["save"], note=note))
             rows.append(Row(case.name, "load", f"engine-{mode}", True, load, "GB/s", c["load"], note=note))
             rows.append(Row(case.name, "both", f"engine-{mode}", True, both, "GB/s", c["both"], note=note))
-            rows.append(Row(case.name, "both", f"engine-{mode}-turns", True, both_turns, "GB/s", c["both"],
-                            note=note + "; begin_save/begin_load started in turns, as the server does"))
-            log(f"{case.name} {mode}: save {save:.1f} load {load:.1f} both {both:.1f} both in turns {both_turns:.1f} GB/s")
+            log(f"{case.name} {mode}: save {save:.1f} load {load:.1f} both {both:.1f} GB/s")
 
     sweep_names = [n for n in args.sweep_configs.split(",") if n in names]
     for mib in [int(m) for m in args.sweep.split(",") if m]:

@@ -15,7 +15,6 @@ import torch
 
 from pegaflow.engine import TransferHandle, TransferResult
 from pegaflow.engine.index import BlockIndex
-from pegaflow.engine.stepped import Transfer
 from pegaflow.server import protocol as P
 from pegaflow.server.service import TOUCH_SLICE, Service
 from pegaflow.sharing import handle_to_wire, share_storage
@@ -46,15 +45,6 @@ class HeldEngine:
         return self.handles[-1]
 
     load = save
-
-    def begin_save(self, instance_id, rank, block_ids, hashes, after_event=None, interleave=False):
-        handle = self.save(instance_id, rank, block_ids, hashes)
-        return Transfer("save", len(block_ids), lambda: [(0, len(block_ids))], lambda first, n: handle, lambda: None)
-
-    def begin_load(self, instance_id, rank, block_ids, hashes, interleave=False):
-        transfer = self.begin_save(instance_id, rank, block_ids, hashes)
-        transfer.direction = "load"
-        return transfer
 
     def unregister(self, instance_id):
         pass

@@ -12,16 +12,14 @@ import operator
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 
 from pegaflow.engine.config import EngineConfig, InstanceSpec
-from pegaflow.engine.handle import TransferHandle, TransferResult, missing_error
+from pegaflow.engine.handle import TransferHandle, TransferResult, combine, missing_error
 from pegaflow.engine.index import BlockIndex, LoadPlan
 from pegaflow.engine.pool import PinnedPool
-from pegaflow.engine.stepped import Transfer
 from pegaflow.engine.transfer import LOAD, SAVE, CopyJob, CpuLane, GpuLane
 from pegaflow.kernels import KVRegions
 
@@ -183,7 +181,12 @@ class Engine:
         wrote the blocks). Held blocks and blocks without room are skipped (``result.skipped``);
         the entries become READY once every rank's copy has completed.
         """
-        return self.begin_save(instance_id, rank, block_ids, hashes, after_event).run()
+        inst, kv, lane, ids = self._check_transfer(instance_id, rank, block_ids, hashes)
+        with self._lock:
+            self._counters["saves"] += 1
+        parts = _pieces(len(ids), lane.head_blocks(SAVE, inst.slot_bytes), lane.tail_blocks(SAVE, inst.slot_bytes))
+        return combine([(i, self._save_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n], after_event))
+                        for i, n in parts], len(ids))
 
     def load(self, instance_id: str, rank: int, block_ids: Sequence[int], hashes: Sequence[bytes]) -> TransferHandle:
         """Copy the pool's blocks ``hashes`` into blocks ``block_ids`` of the rank's KV cache.
@@ -191,51 +194,14 @@ class Engine:
         A hash not held and ready makes the result ``ok=False`` with its index in ``missing``;
         the others are still loaded. Entries stay pinned (never evicted) for the copy's duration.
         """
-        return self.begin_load(instance_id, rank, block_ids, hashes).run()
-
-    def begin_save(self, instance_id: str, rank: int, block_ids: Sequence[int], hashes: Sequence[bytes],
-                   after_event: Any = None, interleave: bool = False) -> Transfer:
-        """:meth:`save`, checked now and started piece by piece with ``Transfer.step``.
-
-        ``interleave``: the caller takes turns between several transfers, so a busy path's
-        transfer is cut into pieces too (none longer than ``lane.step_blocks``), not only an
-        idle one's.
-        """
-        inst, kv, lane, ids = self._check_transfer(instance_id, rank, block_ids, hashes)
-        with self._lock:
-            self._counters["saves"] += 1
-        return Transfer(
-            SAVE, len(ids), partial(self._plan, lane, SAVE, inst.slot_bytes, len(ids), interleave),
-            lambda i, n: self._save_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n], after_event),
-            partial(self._gone, inst, rank, kv))
-
-    def begin_load(self, instance_id: str, rank: int, block_ids: Sequence[int], hashes: Sequence[bytes],
-                   interleave: bool = False) -> Transfer:
-        """:meth:`load`, checked now and started piece by piece (see :meth:`begin_save`)."""
         inst, kv, lane, ids = self._check_transfer(instance_id, rank, block_ids, hashes)
         if len(set(ids)) != len(ids):
             raise ValueError("block_ids holds duplicates: two loads would write the same block")
         with self._lock:
             self._counters["loads"] += 1
-        return Transfer(
-            LOAD, len(ids), partial(self._plan, lane, LOAD, inst.slot_bytes, len(ids), interleave),
-            lambda i, n: self._load_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n]),
-            partial(self._gone, inst, rank, kv))
-
-    @staticmethod
-    def _plan(lane: Any, direction: str, slot_bytes: int, count: int, interleave: bool) -> list[tuple[int, int]]:
-        most = lane.step_blocks(direction, slot_bytes) if interleave else None
-        return _pieces(count, lane.head_blocks(direction, slot_bytes), lane.tail_blocks(direction, slot_bytes), most)
-
-    def _gone(self, inst: _Instance, rank: int, kv: KVRegions) -> str | None:
-        """Why a transfer begun for ``kv`` may start no more pieces (None: it may)."""
-        with self._lock:
-            if self._closed:
-                return "the engine closed before the transfer was fully started"
-            registered = inst.kv.get(rank) if self._instances.get(inst.spec.instance_id) is inst else None
-        if registered is None or registered[0] is not kv:
-            return f"rank {rank} of instance {inst.spec.instance_id!r} was unregistered before the transfer was fully started"
-        return None
+        parts = _pieces(len(ids), lane.head_blocks(LOAD, inst.slot_bytes), lane.tail_blocks(LOAD, inst.slot_bytes))
+        return combine([(i, self._load_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n]))
+                        for i, n in parts], len(ids))
 
     # A transfer that finds its path idle is booked and launched in growing pieces with its
     # last piece apart (see _pieces): copies start after one head's bookkeeping, and the last
@@ -408,7 +374,7 @@ class Engine:
         return inst, kv, lane, ids
 
 
-def _pieces(count: int, head: int | None, tail: int | None, most: int | None = None) -> list[tuple[int, int]]:
+def _pieces(count: int, head: int | None, tail: int | None) -> list[tuple[int, int]]:
     """``(first, size)`` of a transfer's pieces.
 
     On an idle path (``head`` given) the pieces grow from ``head`` blocks, doubling, and the
@@ -416,18 +382,12 @@ def _pieces(count: int, head: int | None, tail: int | None, most: int | None = N
     host, against ~38 us of copy for a 2 MiB block) hides behind the copies of the one before.
     On a busy path (``tail`` alone) only the last ``tail`` blocks go apart, so the body's
     completion bookkeeping runs during the tail's copy instead of after the last byte.
-    A middle piece shorter than the tail is not split off. ``most`` (transfers started step
-    by step) caps every piece but the tail: the body of a busy path's transfer is cut too.
+    A middle piece shorter than the tail is not split off.
     """
     if head is None:
         if tail is None or count < 2 * tail:
-            parts = [(0, count)]
-        else:
-            parts = [(0, count - tail), (count - tail, tail)]
-        if most is None or parts[0][1] <= most:
-            return parts
-        body = parts[0][1]
-        return [(first, min(most, body - first)) for first in range(0, body, most)] + parts[1:]
+            return [(0, count)]
+        return [(0, count - tail), (count - tail, tail)]
     tail = head if tail is None else tail
     if count <= 2 * head:
         return [(0, count)]
@@ -436,7 +396,7 @@ def _pieces(count: int, head: int | None, tail: int | None, most: int | None = N
     while count - first - tail > size:
         out.append((first, size))
         first += size
-        size = size * 2 if most is None else min(most, size * 2)
+        size *= 2
     rest = count - first
     if rest - tail < tail:
         return out + [(first, rest)]

@@ -53,11 +53,6 @@ INLINE_MAX_CHUNKS = 64
 HEAD_CHUNKS = 2
 TAIL_CHUNKS = 2
 
-# A transfer started step by step (the server takes turns between its transfers and requests)
-# books and launches at most this many chunks per step, also on a busy path: one step of
-# 2 MiB blocks is 256 blocks, ~1-2 ms of the host's bookkeeping against ~10 ms of copy.
-STEP_CHUNKS = 8
-
 # Completion events of jobs up to this size spin-wait (about 0.3 ms of copy at most); larger
 # jobs' block. Measured on the H200 (bench/roundtrip.py --profile, 1-block jobs): spinning
 # events took 40-120 us off a save's or a load's round trip.
@@ -221,10 +216,6 @@ class CpuLane:
         """Blocks the engine may book and submit apart at the end of a busy path's transfer."""
         return None
 
-    def step_blocks(self, direction: str, slot_bytes: int) -> int | None:
-        """The most blocks of one piece of a transfer started step by step (None: no limit)."""
-        return None
-
     def _run(self, job: CopyJob, inline: bool = False) -> None:
         try:
             if inline:
@@ -344,11 +335,6 @@ class GpuLane:
         """TAIL_CHUNKS staging chunks' worth of blocks: a transfer's last piece, booked apart
         so that the rest's completion bookkeeping overlaps its copy."""
         return TAIL_CHUNKS * self._per_chunk(self._paths[direction], slot_bytes)
-
-    def step_blocks(self, direction: str, slot_bytes: int) -> int | None:
-        """STEP_CHUNKS staging chunks' worth of blocks: the longest piece of a transfer started
-        step by step, so each step keeps the caller's thread for a bounded time."""
-        return STEP_CHUNKS * self._per_chunk(self._paths[direction], slot_bytes)
 
     def new_event(self, nbytes: int = 1 << 62) -> torch.cuda.Event:
         """The completion event of a job of ``nbytes``: a short job's spins (the completion

@@ -2,8 +2,7 @@
 
 It blocks in one ``recv`` on the ROUTER (bounded by RCVTIMEO: the sweep period, or
 ``TOUCH_IDLE_MS`` while queries' LRU refreshes wait to be applied: they are applied when
-that receive times out; not at all while transfers have pieces left to start, one per turn:
-:mod:`pegaflow.server.turns`), answers requests through :class:`Service`, pushes completions, and
+that receive times out), answers requests through :class:`Service`, pushes completions, and
 sweeps silent sessions every heartbeat period. Engine threads (completions) and the signal
 handler wake it with a frame on an inproc DEALER connected to the same ROUTER, so the hot
 path is one recv and one send per request: no poller, no pipe. A stop request (SIGINT/SIGTERM) makes
@@ -153,20 +152,16 @@ class ServerLoop:
         next_sweep = time.monotonic() + period
         drain_deadline = None
         while True:
-            # Pieces of transfers left to start: look for a request without waiting, then start one.
             # Pending LRU refreshes: wait TOUCH_IDLE_MS in the receive itself, then apply them.
-            if service.stepping:
-                want = 0
-            else:
-                want = TOUCH_IDLE_MS if service.touches_pending else sweep_ms if drain_deadline is None else 50
+            want = TOUCH_IDLE_MS if service.touches_pending else sweep_ms if drain_deadline is None else 50
             if want != rcvtimeo:
                 router.setsockopt(_RCVTIMEO, want)
                 rcvtimeo = want
             try:
                 parts = router.recv_multipart()
             except zmq.Again:
-                parts = None  # idle for TOUCH_IDLE_MS or a sweep period (or no request waits)
-                if service.touches_pending and not service.stepping:
+                parts = None  # idle for TOUCH_IDLE_MS or a sweep period
+                if service.touches_pending:
                     service.apply_idle_touches()
             if parts is not None:
                 identity = parts[0]
@@ -179,8 +174,6 @@ class ServerLoop:
                         self._serve(identity, parts)
                 except Exception:  # a bug: log it and keep serving the other clients
                     logger.exception("failed to serve a message from %r", identity)
-            if service.stepping:  # one piece per turn: requests and pieces take turns
-                service.step()
             now = time.monotonic()
             if now >= next_sweep:
                 self._push(service.completions())

@@ -24,7 +24,6 @@ from pegaflow.engine.index import split_hashes
 from pegaflow.server import exposure
 from pegaflow.server import protocol as P
 from pegaflow.server.sessions import MAX_EVENTS_PER_SESSION, Job, Registration, Session
-from pegaflow.server.turns import Turns
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +95,6 @@ class Service:
         self.loop_thread = threading.get_ident()
         self._done: collections.deque = collections.deque()  # appended from engine threads
         self._deferred: collections.deque = collections.deque()  # transfers accepted, to start
-        self._turns = Turns()  # transfers started, pieces left to start (one per step())
         self._touches_logged = False  # queries' LRU refreshes left in the index's log
         # Set by the loop: wait up to timeout_ms for a message on the socket; whether one came.
         # Without it, start_deferred applies the refreshes at once.
@@ -186,7 +184,6 @@ class Service:
         """Shutdown past its drain deadline: report every job still running as failed."""
         from pegaflow.engine import TransferResult
 
-        self._turns.cancel_all(reason)
         now = time.monotonic()
         for (session_id, job_id) in list(self.jobs):
             self._done.append((session_id, job_id, TransferResult(ok=False, num_blocks=0, nbytes=0, error=reason), now))
@@ -194,7 +191,6 @@ class Service:
 
     def close_all(self) -> None:
         """Shutdown: end every session and close every registration."""
-        self._turns.cancel_all("the server shut down before this transfer was fully started")
         for identity in list(self.sessions):
             self._end_session(identity)
         for registration in list(self.registrations.values()):
@@ -379,12 +375,11 @@ class Service:
         registration.inflight += 1
         # Every check is done: accept now and start the copy once the reply is out. In CPU mode
         # the copy holds the GIL; started first, it delayed the acceptance by its whole length.
-        self._deferred.append(partial(self._start, identity, req, spec.hash_bytes, event, registration))
+        self._deferred.append(partial(self._start, identity, req, spec.hash_bytes, event))
         return P.ok_reply(req.id, job_id=req.job_id)
 
     def start_deferred(self) -> None:
-        """Start the transfers accepted by the last reply (the loop calls it after sending):
-        their first pieces; the loop starts the others with :meth:`step` between requests.
+        """Start the transfers accepted by the last reply (the loop calls it after sending).
 
         The queries' LRU refreshes stay logged (beyond ``TOUCH_BACKLOG`` the excess is applied
         now): the loop applies them with :meth:`apply_idle_touches` once its socket has been
@@ -392,9 +387,6 @@ class Service:
         """
         while self._deferred:
             self._deferred.popleft()()
-        if self.wait_input is None:  # no loop to take turns: start every piece now
-            while self._turns:
-                self.step()
         if self._touches_logged:
             index = self.engine.index
             excess = index.pending_touches() - TOUCH_BACKLOG
@@ -416,25 +408,13 @@ class Service:
                 return
         self._touches_logged = False
 
-    @property
-    def stepping(self) -> bool:
-        """Transfers have pieces left to start: the loop calls :meth:`step` between requests."""
-        return bool(self._turns)
-
-    def step(self) -> None:
-        """Start one more piece of a transfer in progress (loads and saves take turns)."""
-        self._turns.step()
-        self._push_done_here()
-
-    def _start(self, identity: bytes, req: P.Transfer, hash_bytes: int, event: Any,
-               registration: Registration) -> None:
+    def _start(self, identity: bytes, req: P.Transfer, hash_bytes: int, event: Any) -> None:
         hashes = split_hashes(req.hashes, hash_bytes)
         try:
             if req.op == "save":
-                transfer = self.engine.begin_save(req.instance_id, req.rank, req.block_ids, hashes,
-                                                  after_event=event, interleave=True)
+                handle = self.engine.save(req.instance_id, req.rank, req.block_ids, hashes, after_event=event)
             else:
-                transfer = self.engine.begin_load(req.instance_id, req.rank, req.block_ids, hashes, interleave=True)
+                handle = self.engine.load(req.instance_id, req.rank, req.block_ids, hashes)
         except Exception as exc:  # the checks above make this a bug: fail the job, keep serving
             from pegaflow.engine import TransferResult
 
@@ -442,13 +422,7 @@ class Service:
             self._on_done(identity, req.job_id, TransferResult(ok=False, num_blocks=0, nbytes=0,
                                                                error=f"{type(exc).__name__}: {exc}"))
         else:
-            self._turns.start(transfer, registration, partial(self._watch, identity, req.job_id))
-        self._push_done_here()
-
-    def _watch(self, identity: bytes, job_id: int, transfer: Any) -> None:
-        transfer.handle.add_done_callback(partial(self._on_done, identity, job_id))
-
-    def _push_done_here(self) -> None:
+            handle.add_done_callback(partial(self._on_done, identity, req.job_id))
         # A transfer done already (a small CPU copy) goes out now, not after whatever else the
         # loop does before its next look at the queue.
         if self._done and self.push is not None and threading.get_ident() == self.loop_thread:
