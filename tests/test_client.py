@@ -241,3 +241,78 @@ def test_health_reply_is_trimmed_and_rcvtimeo_set_once():
             client._socket = sock
         client.close()
         fake.close()
+
+
+def test_a_transfer_sent_without_waiting_reports_its_refusal_as_a_failed_completion():
+    def script(request):
+        if request["op"] == "hello":
+            return [hello_reply(request)]
+        if request["op"] == "save":
+            return [{"id": request["id"], "ok": True, "job_id": request["job_id"]},
+                    {"op": "completion", "job_id": request["job_id"], "kind": "save", "ok": True, "num_blocks": 1}]
+        if request["op"] == "load":
+            return [{"id": request["id"], "ok": False, "code": "out_of_range", "message": "block 99"}]
+        return [{"id": request["id"], "ok": True, "hits": 1}]
+
+    fake = FakeServer(script)
+    client = PegaClient(fake.endpoint, timeout_s=2.0, heartbeat=False)
+    try:
+        client.save("i", 0, 5, [1], hashes(1), wait=False)  # returns once sent
+        client.load("i", 0, 6, [99], hashes(1), wait=False)
+        assert client.query("i", hashes(1)) == 1  # the acceptances ahead of its reply are taken on the way
+        done = {c.job_id: c for c in client.poll_completions()}
+        assert done[5].ok and done[5].code is None
+        assert not done[6].ok and done[6].kind == "load" and done[6].code == "out_of_range"
+        assert "block 99" in done[6].error
+        assert client.poll_completions() == [] and not client._accepting
+    finally:
+        client.close()
+        fake.close()
+
+
+def test_a_refusal_for_a_lost_session_makes_the_next_call_say_hello():
+    state = {"sessions": 0}
+
+    def script(request):
+        if request["op"] == "hello":
+            state["sessions"] += 1
+            return [hello_reply(request)]
+        if request["op"] == "load":
+            return [{"id": request["id"], "ok": False, "code": P.NO_SESSION, "message": "send hello first"}]
+        return [{"id": request["id"], "ok": True, "hits": 0}]
+
+    fake = FakeServer(script)
+    client = PegaClient(fake.endpoint, timeout_s=2.0, heartbeat=False)
+    try:
+        client.load("i", 0, 3, [0], hashes(1), wait=False)
+        (done,) = wait_for_completions(client)
+        assert done.job_id == 3 and done.code == P.NO_SESSION
+        assert client.query("i", hashes(1)) == 0 and state["sessions"] == 2
+    finally:
+        client.close()
+        fake.close()
+
+
+def test_transfers_sent_without_waiting_fail_when_their_server_stops_answering():
+    def script(request):
+        return [hello_reply(request)] if request["op"] == "hello" else []  # then wedged: no acceptance
+
+    fake = FakeServer(script)
+    client = PegaClient(fake.endpoint, timeout_s=0.3, heartbeat=False)
+    try:
+        client.save("i", 0, 8, [0], hashes(1), wait=False)
+        with pytest.raises(PegaTimeoutError):
+            client.query("i", hashes(1))
+        (done,) = client.poll_completions()
+        assert done.job_id == 8 and not done.ok and done.code == "unreachable"
+    finally:
+        client.close()
+        fake.close()
+
+
+def wait_for_completions(client: PegaClient) -> list:
+    for _ in range(100):
+        got = client.poll_completions(timeout_s=0.1)
+        if got:
+            return got
+    raise AssertionError("no completion")
