@@ -24,10 +24,7 @@ while save, load and register_kv_caches raise ``PegaServerError("no_session")``:
 registration is gone and the caller must register again.
 
 Completions of saves and loads are pushed by the server on the same socket; any call, and
-:meth:`PegaClient.poll_completions`, collects them. ``save`` and ``load`` with ``wait=False``
-return once sent: their acceptance is read with those messages, and a refusal becomes a failed
-completion carrying the server's error ``code`` (``"unreachable"`` if the server stopped
-answering first). vLLM's connector sends them so: its step never waits for the server's loop.
+:meth:`PegaClient.poll_completions`, collects them.
 
 Thread-safety: one lock serialises every call on a client, so threads may share one.
 A save or load whose acceptance timed out may still run if the server was only slow: keep
@@ -91,7 +88,6 @@ class Completion:
     skipped: tuple[int, ...] = ()
     missing: tuple[int, ...] = ()
     error: str | None = None
-    code: str | None = None  # a transfer sent with wait=False that the server refused: its error code
 
 
 def default_endpoint() -> str:
@@ -142,7 +138,6 @@ class PegaClient:
         self._ctx = zmq.Context()
         self._socket: zmq.Socket | None = None
         self._next_id = 1
-        self._accepting: dict[int, tuple[str, int]] = {}  # request id -> (op, job id) of transfers sent with wait=False
         self._need_hello = True
         self._down_until = 0.0
         self._backoff = _BACKOFF_START_S
@@ -213,10 +208,9 @@ class PegaClient:
         return self._call({"op": "query", "instance_id": instance_id, "hashes": blob, "hash_bytes": size})["hits"]
 
     def save(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
-             hashes: Sequence[bytes], event: Any = None, wait: bool = True) -> None:
+             hashes: Sequence[bytes], event: Any = None) -> None:
         """Start saving blocks; returns once accepted. ``event``: an interprocess CUDA event
-        (or its IPC handle) recorded after the forward that wrote the blocks. ``wait=False``:
-        returns once sent; a refusal comes back as a failed :class:`Completion` with its ``code``."""
+        (or its IPC handle) recorded after the forward that wrote the blocks."""
         ids = _id_list(block_ids)
         blob, size = _hash_blob(hashes, len(ids))
         msg = {"op": "save", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
@@ -227,17 +221,15 @@ class PegaClient:
 
                 event = share_event(event)
             msg["event"] = bytes(event)
-        self._call(msg) if wait else self._send(msg)
+        self._call(msg)
 
     def load(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
-             hashes: Sequence[bytes], wait: bool = True) -> None:
-        """Start loading blocks ``hashes`` into ``block_ids``; returns once accepted (``wait=False``:
-        once sent, as for :meth:`save`)."""
+             hashes: Sequence[bytes]) -> None:
+        """Start loading blocks ``hashes`` into ``block_ids``; returns once accepted."""
         ids = _id_list(block_ids)
         blob, size = _hash_blob(hashes, len(ids))
-        msg = {"op": "load", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
-               "hashes": blob, "hash_bytes": size}
-        self._call(msg) if wait else self._send(msg)
+        self._call({"op": "load", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
+                    "hashes": blob, "hash_bytes": size})
 
     def poll_completions(self, timeout_s: float = 0.0) -> list[Completion]:
         """Completions received so far; waits up to ``timeout_s`` for one if there are none."""
@@ -313,20 +305,6 @@ class PegaClient:
                 self._hello(deadline)
                 return self._request(msg, deadline)
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        """Send a save or load and return: its acceptance is read with the next messages (a
-        refusal becomes a failed completion), so a submitter never waits for the server's loop."""
-        with self._lock:
-            if self._closed:
-                raise PegaClientError("client is closed")
-            now = _monotonic()
-            deadline = now + self.timeout_s
-            if self._need_hello:
-                self._hello(deadline)
-                now = _monotonic()
-            request_id, _ = self._send_request(msg, deadline, now)
-            self._accepting[request_id] = (msg["op"], msg["job_id"])
-
     def _hello(self, deadline: float) -> dict[str, Any]:
         hello = {"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(), "name": self.name[:256] or "client"}
         if self._auth_token:
@@ -351,9 +329,26 @@ class PegaClient:
         """Send ``msg`` and return its reply. ``now``: the caller's clock reading, if it has one."""
         if now is None:
             now = _monotonic()
-        request_id, now = self._send_request(msg, deadline, now)
-        sock = self._socket
-        assert sock is not None
+        if now < self._down_until:
+            raise PegaTimeoutError(
+                f"server {self.endpoint} did not answer recently; retrying in {self._down_until - now:.2f} s"
+            )
+        sock = self._socket or self._ensure_socket()
+        request_id = self._next_id
+        self._next_id = request_id + 1
+        msg["id"] = request_id
+        payload = self._packer.pack(msg)
+        # The common path is one send and one blocking receive (RCVTIMEO bounds it): no polls.
+        try:
+            sock.send(payload, _NOBLOCK)
+        except zmq.Again:  # IMMEDIATE: no live connection yet; wait for one, up to the deadline
+            if not sock.poll(max(0, int((deadline - _monotonic()) * 1000)), zmq.POLLOUT):
+                self._fail(f"could not reach {self.endpoint} within {self.timeout_s} s")
+            try:
+                sock.send(payload, _NOBLOCK)
+            except zmq.Again:
+                self._fail(f"could not send to {self.endpoint}")
+            now = _monotonic()
         # From the clock reading taken before the send (microseconds ago, inside the 1 ms rounding
         # up): for one client timeout this is the same value every call, so RCVTIMEO is set once.
         remaining_ms = int((deadline - now) * 1000) + 1
@@ -375,31 +370,6 @@ class PegaClient:
             raise PegaServerError(str(reply.get("code")), str(reply.get("message")))
         return reply
 
-    def _send_request(self, msg: dict[str, Any], deadline: float, now: float) -> tuple[int, float]:
-        """Give ``msg`` a request id and send it (waiting up to ``deadline`` for a connection);
-        the id, and the clock reading ``now`` or a later one if the send had to wait."""
-        if now < self._down_until:
-            raise PegaTimeoutError(
-                f"server {self.endpoint} did not answer recently; retrying in {self._down_until - now:.2f} s"
-            )
-        sock = self._socket or self._ensure_socket()
-        request_id = self._next_id
-        self._next_id = request_id + 1
-        msg["id"] = request_id
-        payload = self._packer.pack(msg)
-        # The common path is one send and one blocking receive (RCVTIMEO bounds it): no polls.
-        try:
-            sock.send(payload, _NOBLOCK)
-        except zmq.Again:  # IMMEDIATE: no live connection yet; wait for one, up to the deadline
-            if not sock.poll(max(0, int((deadline - _monotonic()) * 1000)), zmq.POLLOUT):
-                self._fail(f"could not reach {self.endpoint} within {self.timeout_s} s")
-            try:
-                sock.send(payload, _NOBLOCK)
-            except zmq.Again:
-                self._fail(f"could not send to {self.endpoint}")
-            now = _monotonic()
-        return request_id, now
-
     def _receive_within(self, sock: zmq.Socket, ms: int) -> None:
         """Bound the next receive by ``ms``; the socket option is set only when it changes."""
         if ms != self._rcvtimeo:
@@ -417,16 +387,6 @@ class PegaClient:
         if reply.get("op") == "completion":
             self._completions.append(_completion(reply))
             return None
-        if self._accepting:
-            sent = self._accepting.pop(reply.get("id"), None)
-            if sent is not None:  # the acceptance of a transfer sent with wait=False
-                if not reply.get("ok"):
-                    code = str(reply.get("code"))
-                    if code == NO_SESSION:
-                        self._need_hello = True  # the server restarted or expired us
-                    self._completions.append(Completion(job_id=int(sent[1]), kind=sent[0], ok=False,
-                                                        error=f"{code}: {reply.get('message')}", code=code))
-                return None
         return reply
 
     def _drain(self, deadline: float, now: float | None = None) -> None:
@@ -479,12 +439,6 @@ class PegaClient:
         self._need_hello = True
         self._down_until = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
-        # Transfers sent without waiting whose acceptance never came fail now, as a call that
-        # waited for it would have raised (the server may still run them if it was only slow).
-        for kind, job_id in self._accepting.values():
-            self._completions.append(Completion(job_id=int(job_id), kind=kind, ok=False, code="unreachable",
-                                                error=f"unreachable: no acceptance from {self.endpoint}: {message}"))
-        self._accepting.clear()
         raise PegaTimeoutError(message)
 
     def _heartbeats(self, interval: float) -> None:
@@ -514,6 +468,6 @@ def _completion(msg: dict[str, Any]) -> Completion:
         job_id=int(msg.get("job_id", -1)), kind=str(msg.get("kind", "")), ok=bool(msg.get("ok")),
         num_blocks=int(msg.get("num_blocks", 0)), nbytes=int(msg.get("nbytes", 0)),
         skipped=tuple(msg.get("skipped") or ()), missing=tuple(msg.get("missing") or ()),
-        error=msg.get("error"), code=None,
+        error=msg.get("error"),
     )
     return done

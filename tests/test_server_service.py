@@ -234,28 +234,3 @@ def test_the_loop_applies_query_refreshes_once_idle(tmp_path):
         loop.request_stop()
         thread.join(30)
     assert not thread.is_alive()
-
-
-def test_transfers_held_for_waiting_requests_start_loads_first_in_arrival_order():
-    service, engine, _ = setup()
-    started: list[tuple[str, int]] = []
-    engine.save = lambda instance_id, rank, block_ids, hashes, after_event=None: (
-        started.append(("save", block_ids[0])), TransferHandle())[1]
-    engine.load = lambda instance_id, rank, block_ids, hashes: (started.append(("load", block_ids[0])),
-                                                                 TransferHandle())[1]
-
-    def accept(op: str, job_id: int, block: int, hold: bool) -> None:
-        frame = msgpack.packb({"op": op, "id": 50 + job_id, "instance_id": "i", "rank": 0, "job_id": job_id,
-                               "block_ids": [block], "hashes": os.urandom(32), "hash_bytes": 32})
-        assert msgpack.unpackb(service.handle_frame(ME, frame, 0.0))["ok"]
-        service.start_deferred(hold=hold)  # as the loop does: hold while more requests wait
-
-    accept("save", 1, 1, hold=True)
-    accept("save", 2, 2, hold=True)
-    accept("load", 3, 3, hold=True)
-    assert started == [] and service.deferred == 3
-    accept("load", 4, 4, hold=False)  # nothing else waits: start them all
-    assert started == [("load", 3), ("load", 4), ("save", 1), ("save", 2)] and service.deferred == 0
-    for job in range(5, 5 + 16):  # a bounded hold: the 16th accepted transfer starts them
-        accept("save", job, 5, hold=True)
-    assert service.deferred == 0 and len(started) == 4 + 16

@@ -45,7 +45,6 @@ class Completion:
     skipped: int = 0  # save: blocks not copied (already held, or no room: a full pool)
     missing: tuple[int, ...] = ()  # load: indices of hashes the pool did not hold
     error: str | None = None
-    code: str | None = None  # the server's error code of a transfer it refused
 
 
 def to_completion(raw: Any) -> Completion:
@@ -57,7 +56,6 @@ def to_completion(raw: Any) -> Completion:
         skipped=skipped if isinstance(skipped, int) else len(skipped),
         missing=tuple(int(i) for i in (getattr(raw, "missing", ()) or ())),
         error=getattr(raw, "error", None),
-        code=getattr(raw, "code", None),
     )
 
 

@@ -283,10 +283,7 @@ class ConnectorWorker:
             self._load_finished(job.req_id, ok=False)
             return
         try:
-            # Sent without waiting for the server's acceptance (a refusal comes back as a failed
-            # completion): the model's step does not wait for the server's loop.
-            self.link.call("load", self.geometry.instance_id, self.rank, job.job_id, job.block_ids, job.hashes,
-                           wait=False)
+            self.link.call("load", self.geometry.instance_id, self.rank, job.job_id, job.block_ids, job.hashes)
         except (LinkUnavailable, LinkRejected) as exc:
             self._on_rejected(exc)
             self._load_finished(job.req_id, ok=False)
@@ -331,7 +328,6 @@ class ConnectorWorker:
                 job.block_ids,
                 job.hashes,
                 event=handle,
-                wait=False,
             )
         except (LinkUnavailable, LinkRejected) as exc:
             self._on_rejected(exc)
@@ -378,10 +374,6 @@ class ConnectorWorker:
             self._save_finished(job_id, saved=0, skipped=pending.num_blocks, failed=True)
 
     def _on_completion(self, done: Any) -> None:
-        if done.code in REGISTRATION_LOST:  # a transfer refused: the server restarted or expired us
-            self._registered = False
-        elif done.code:
-            logger.error("PegaFlow refused a transfer of rank %d: %s", self.rank, done.error)
         if done.job_id in self._loads:
             pending = self._loads.pop(done.job_id)
             if not done.ok:

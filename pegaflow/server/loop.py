@@ -170,8 +170,6 @@ class ServerLoop:
                         with self._wake_lock:
                             self._wake_pending = False
                         self._push(service.completions())
-                        if service.deferred:  # held for requests that were waiting
-                            service.start_deferred(hold=self._input_waiting())
                     else:
                         self._serve(identity, parts)
                 except Exception:  # a bug: log it and keep serving the other clients
@@ -228,15 +226,10 @@ class ServerLoop:
             reply = service.handle_frame(identity, parts[1], time.monotonic())
         if reply is not None:
             self._send(identity, reply, keep=False)
-        # Transfers start once the requests already waiting are answered (bounded: see
-        # Service.start_deferred); one done at once is pushed from its start (Service._start).
-        service.start_deferred(hold=self._input_waiting())
+        service.start_deferred()  # a transfer done at once is pushed from its start (Service._start)
         pending = service.take_pending(identity)
         if pending:
             self._push([(identity, frame) for frame in pending])
-
-    def _input_waiting(self) -> bool:
-        return bool(self.router.getsockopt(_EVENTS) & _POLLIN)
 
     def _wait_input(self, timeout_ms: int) -> bool:
         """Whether a message waits on the ROUTER, after waiting up to ``timeout_ms`` for one."""

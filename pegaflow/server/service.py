@@ -44,9 +44,6 @@ TOUCH_SLICE = 128
 # is applied after every reply, so the index's own bound (64k: ~10 ms at once in an index of
 # 200k entries) is not what drains the log.
 TOUCH_BACKLOG = 8192
-# At most this many accepted transfers wait for the requests queued behind them (see
-# Service.start_deferred).
-ACCEPT_AHEAD = 16
 
 
 @dataclass
@@ -378,31 +375,18 @@ class Service:
         registration.inflight += 1
         # Every check is done: accept now and start the copy once the reply is out. In CPU mode
         # the copy holds the GIL; started first, it delayed the acceptance by its whole length.
-        self._deferred.append((req.op != "load", partial(self._start, identity, req, spec.hash_bytes, event)))
+        self._deferred.append(partial(self._start, identity, req, spec.hash_bytes, event))
         return P.ok_reply(req.id, job_id=req.job_id)
 
-    @property
-    def deferred(self) -> int:
-        """Transfers accepted and not yet started."""
-        return len(self._deferred)
-
-    def start_deferred(self, hold: bool = False) -> None:
-        """Start the transfers accepted so far (the loop calls it after sending a reply), loads
-        before saves. ``hold``: more requests wait on the socket; up to ``ACCEPT_AHEAD``
-        transfers stay accepted but not started until those requests are answered: a
-        submitter that sends a few transfers at once sees them all accepted promptly, and its
-        loads start first (end to end on the H200, loads sent just after three 1 GiB saves
-        started ~13 ms after them, behind the saves' bookkeeping).
+    def start_deferred(self) -> None:
+        """Start the transfers accepted by the last reply (the loop calls it after sending).
 
         The queries' LRU refreshes stay logged (beyond ``TOUCH_BACKLOG`` the excess is applied
         now): the loop applies them with :meth:`apply_idle_touches` once its socket has been
         idle ``TOUCH_IDLE_MS``. Without a loop (``wait_input`` unset) they are applied at once.
         """
-        if self._deferred and not (hold and len(self._deferred) < ACCEPT_AHEAD):
-            starts = sorted(self._deferred, key=_is_save)  # stable: loads first, each in arrival order
-            self._deferred.clear()
-            for _, start in starts:
-                start()
+        while self._deferred:
+            self._deferred.popleft()()
         if self._touches_logged:
             index = self.engine.index
             excess = index.pending_touches() - TOUCH_BACKLOG
@@ -589,10 +573,6 @@ class Service:
         if registration.client_dead and isinstance(registration.share, sharing.CpuShare):
             sharing.unlink_cpu(registration.share)
         logger.info("rank %d of %s released", registration.rank, registration.instance_id)
-
-
-def _is_save(item: tuple[bool, Any]) -> bool:
-    return item[0]
 
 
 def _completion_frame(job: Job, result: Any) -> bytes:
