@@ -163,7 +163,7 @@ def test_a_producer_event_already_complete_is_not_waited_on_by_the_gpu(fake_cuda
         lane.close()
 
 
-def test_dma_saves_go_through_staging_while_loads_run(fake_cuda):
+def test_dma_saves_go_by_the_copy_engines_also_while_loads_run(fake_cuda):
     cache, slot, pool, lane = small_lane(0)
     copies_2d = []
     lane._copy_2d[SAVE] = lambda *args: (copies_2d.append(args), FakeCopier2D().copy(*args))
@@ -172,11 +172,11 @@ def test_dma_saves_go_through_staging_while_loads_run(fake_cuda):
         assert len(copies_2d) == 1  # an idle load path: the copy engines alone
         lane._paths[LOAD].inflight = 1  # a load in flight
         assert run(lane, SAVE, cache.regions, [2], [slot], slot) == (True, None)
-        assert len(copies_2d) == 1  # staged instead
+        assert len(copies_2d) == 2  # still the copy engines: no SM work beside the loads' scatters
         assert torch.equal(pool[:slot], block_bytes(cache, 6)) and torch.equal(pool[slot : 2 * slot], block_bytes(cache, 2))
-        lane._paths[LOAD].inflight = 0  # the load done: the copy engines alone again
+        lane._paths[LOAD].inflight = 0
         assert run(lane, SAVE, cache.regions, [5], [2 * slot], slot) == (True, None)
-        assert len(copies_2d) == 2
+        assert len(copies_2d) == 3
         for k, b in enumerate((6, 2, 5)):
             assert torch.equal(pool[k * slot : (k + 1) * slot], block_bytes(cache, b))
     finally:

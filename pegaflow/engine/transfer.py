@@ -452,16 +452,14 @@ class GpuLane:
                 path.free[b].record(path.dma)
 
     def _dma_plan(self, kv: KVRegions) -> tuple[dma.Rows, ...] | None:
-        """How a save goes by the copy engines alone, or None for staging. While loads run,
-        their scatters use the SMs anyway, and staged saves share PCIe with them better: saves
-        and loads at once reached 0.79 of the two-direction ceiling with 2D DMA saves, 0.88
-        staged (H200, end to end)."""
+        """How a save goes by the copy engines alone, or None for staging (rows narrower than
+        ``dma_min_row``). Also while loads run: end to end on the H200 (2026-11-27, A/B in one
+        call, two rounds), saves and loads at once reached 0.781 / 0.794 of the two-direction
+        ceiling with 2D DMA saves beside the loads against 0.766 / 0.759 with saves staged
+        whenever a load was in flight (session 3 had measured the opposite, 0.79 vs 0.88, on
+        older code); with loads started first, staged saves beside them ran at ~33-37 GB/s."""
         if self._dma_min_row is None:
             return None
-        load = self._paths[LOAD]
-        with load.state_lock:
-            if load.inflight or load.backlog:
-                return None
         return self._plan(kv)
 
     def _dma_load_plan(self, path: _Path, job: CopyJob) -> tuple[dma.Rows, ...] | None:

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-path", choices=("auto", "dma", "staged", "zero_copy"), default="auto",
                         help="how saves reach the pool: dma = the copy engines alone, one 2D copy per block, so "
                         "the model's process keeps the SMs (0.92 of PCIe with 64 KiB pages, less with smaller "
-                        "ones; beside running loads, saves are staged); staged = a short gather into GPU staging, then DMA (0.97-0.99 of PCIe at every "
+                        "ones; beside running loads too); staged = a short gather into GPU staging, then DMA (0.97-0.99 of PCIe at every "
                         "page size, but the gathers slow the model by ~10%%); auto = dma where pages are >= 64 KiB, "
                         "else staged (default); zero_copy = kernels write pinned memory directly (in-process use "
                         "only). With dma (and auto where it picks dma), loads of up to --staging-size bytes also go by the copy engines "
