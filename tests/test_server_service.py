@@ -188,16 +188,16 @@ def test_query_refreshes_wait_for_an_idle_loop_and_stop_when_a_message_comes():
     held = [os.urandom(32) for _ in range(300)]
     index.complete_save(index.prepare_save(namespace, held, 0, 1, 256), True)
     waits: list[int] = []
-    service.wait_input = lambda ms: waits.append(ms) or True  # the loop's: a message always waits
+    service.input_waiting = lambda: waits.append(0) or True  # the loop's: a message always waits
     assert _query(service, held)["hits"] == 300
     # Nothing applied and no wait after the reply: the loop waits in its receive.
     assert service.touches_pending and index.pending_touches() == 300 and waits == []
     service.apply_idle_touches()  # one slice, then the waiting message goes first
     assert waits == [0] and service.touches_pending and index.pending_touches() == 300 - TOUCH_SLICE
-    service.wait_input = lambda ms: False
+    service.input_waiting = lambda: False
     service.apply_idle_touches()
     assert not service.touches_pending and index.pending_touches() == 0
-    service.wait_input = None  # no loop: applied at once
+    service.input_waiting = None  # no loop: applied at once
     assert _query(service, [os.urandom(32)] + held)["hits"] == 0
     assert _query(service, held[100:])["hits"] == 200
     assert not service.touches_pending and index.pending_touches() == 0

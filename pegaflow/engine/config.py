@@ -19,9 +19,9 @@ DEFAULT_STAGING_BYTES = 128 << 20
 DEFAULT_PIN_THREADS = min(16, os.cpu_count() or 1)
 # "staged": gather into GPU staging, then DMA; "dma": saves by the copy engines alone (one 2D
 # copy per block, beside loads too), and loads of up to TAIL_CHUNKS staging chunks by the
-# copy engines too, longer ones staged; "auto": "dma" where a block's
-# rows are at least DMA_MIN_ROW_BYTES wide, else "staged"; "zero_copy": kernels read and write the pinned pool
-# directly. Measured on the H200 (2026-11-27), 512 scattered blocks per copy, 2D DMA against one
+# copy engines too, longer ones staged; "auto": "dma" where a block's rows are at least
+# DMA_MIN_ROW_BYTES wide, else "staged"; "zero_copy": kernels read and write the pinned
+# pool directly. Measured on the H200 (2026-11-27), 512 scattered blocks per copy, 2D DMA against one
 # contiguous copy: 0.92 with 64 KiB rows, 0.95 with 72 KiB (MLA), 0.86 with 32 KiB, 0.69-0.78
 # with 8-16 KiB; staged reaches 0.97-0.99 at every size, but its gathers take the GPU from the
 # model's process in time slices (a co-running matmul kept 0.86 of its rate).

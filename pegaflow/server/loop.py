@@ -85,7 +85,7 @@ class ServerLoop:
         self.service = Service(engine, devices=devices, client_timeout_s=config.client_timeout_s, wake=self.wake,
                                auth_token=config.auth_token)
         self.service.push = self._push
-        self.service.wait_input = self._wait_input
+        self.service.input_waiting = self._input_waiting
         self._stop_requested = False
         self.ctx = zmq.Context()
         self.router: zmq.Socket | None = None
@@ -231,11 +231,10 @@ class ServerLoop:
         if pending:
             self._push([(identity, frame) for frame in pending])
 
-    def _wait_input(self, timeout_ms: int) -> bool:
-        """Whether a message waits on the ROUTER, after waiting up to ``timeout_ms`` for one."""
-        if timeout_ms <= 0:
-            return bool(self.router.getsockopt(_EVENTS) & _POLLIN)
-        return bool(zmq.zmq_poll([(self.router, zmq.POLLIN)], timeout_ms))
+    def _input_waiting(self) -> bool:
+        """Whether a message waits on the ROUTER now (the loop never polls with a timeout: it
+        waits in its receive)."""
+        return bool(self.router.getsockopt(_EVENTS) & _POLLIN)
 
     def _push(self, items: list[tuple[bytes, bytes]]) -> None:
         for identity, frame in items:

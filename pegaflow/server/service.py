@@ -96,9 +96,9 @@ class Service:
         self._done: collections.deque = collections.deque()  # appended from engine threads
         self._deferred: collections.deque = collections.deque()  # transfers accepted, to start
         self._touches_logged = False  # queries' LRU refreshes left in the index's log
-        # Set by the loop: wait up to timeout_ms for a message on the socket; whether one came.
-        # Without it, start_deferred applies the refreshes at once.
-        self.wait_input: Callable[[int], bool] | None = None
+        # Set by the loop: whether a message waits on the socket now. Without it,
+        # start_deferred applies the refreshes at once.
+        self.input_waiting: Callable[[], bool] | None = None
         self._handlers: dict[type, Callable] = {
             P.Hello: self._hello, P.Heartbeat: self._heartbeat, P.Bye: self._bye,
             P.RegisterInstance: self._register_instance, P.RegisterKV: self._register_kv,
@@ -383,7 +383,7 @@ class Service:
 
         The queries' LRU refreshes stay logged (beyond ``TOUCH_BACKLOG`` the excess is applied
         now): the loop applies them with :meth:`apply_idle_touches` once its socket has been
-        idle ``TOUCH_IDLE_MS``. Without a loop (``wait_input`` unset) they are applied at once.
+        idle ``TOUCH_IDLE_MS``. Without a loop (``input_waiting`` unset) they are applied at once.
         """
         while self._deferred:
             self._deferred.popleft()()
@@ -392,7 +392,7 @@ class Service:
             excess = index.pending_touches() - TOUCH_BACKLOG
             if excess > 0:
                 index.apply_touches(excess)
-            if self.wait_input is None:
+            if self.input_waiting is None:
                 self.apply_idle_touches()
 
     @property
@@ -402,9 +402,9 @@ class Service:
 
     def apply_idle_touches(self) -> None:
         """Apply the logged LRU refreshes slice by slice until a message waits on the socket."""
-        index, wait = self.engine.index, self.wait_input
+        index, waiting = self.engine.index, self.input_waiting
         while index.apply_touches(TOUCH_SLICE):
-            if wait is not None and wait(0):
+            if waiting is not None and waiting():
                 return
         self._touches_logged = False
 
