@@ -136,16 +136,23 @@ def run_jobs(rank: Any, jobs: list[Job], inflight: int) -> dict[str, Tally]:
     pending: dict[str, dict[Any, Job]] = {"save": {}, "load": {}}
     tally = {d: Tally() for d in queues}
     while any(queues.values()) or any(pending.values()):
-        for d, queue in queues.items():
-            while queue and len(pending[d]) < inflight:
-                job = queue.popleft()
-                if d == "save":
-                    for b, h in zip(job.block_ids, job.hashes):
-                        rank.known[h] = rank.held[b]
-                tally[d].start = min(tally[d].start, time.monotonic())
-                key = rank.submit_save(job.block_ids, job.hashes) if d == "save" else \
-                    rank.submit_load(job.block_ids, job.hashes)
-                pending[d][key] = job
+        # One job per direction in turn: filling one direction's slots before the other's
+        # would submit the loads of a saves+loads run only after every save's acceptance
+        # (each waits for the server to book and launch it), not beside them.
+        submitted = True
+        while submitted:
+            submitted = False
+            for d, queue in queues.items():
+                if queue and len(pending[d]) < inflight:
+                    job = queue.popleft()
+                    if d == "save":
+                        for b, h in zip(job.block_ids, job.hashes):
+                            rank.known[h] = rank.held[b]
+                    tally[d].start = min(tally[d].start, time.monotonic())
+                    key = rank.submit_save(job.block_ids, job.hashes) if d == "save" else \
+                        rank.submit_load(job.block_ids, job.hashes)
+                    pending[d][key] = job
+                    submitted = True
         saves, finished, failed, meta = rank.wait(0.05)
         now = time.monotonic()
         if meta is not None:
