@@ -192,6 +192,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--head-chunks", type=int, default=None,
                         help="override transfer.HEAD_CHUNKS (staging chunks of a transfer's first piece on an idle path)")
+    parser.add_argument("--tail-chunks", type=int, default=None,
+                        help="override transfer.TAIL_CHUNKS (staging chunks of a transfer's last piece)")
+    parser.add_argument("--staging-mib", type=int, default=DEFAULT_STAGING_BYTES >> 20,
+                        help="GPU staging per direction for the modes' rows (the sweep sets its own)")
     parser.add_argument("--modes", default="staged,dma,zero_copy",
                         help="save modes to measure (dma: saves by the copy engines alone, loads staged)")
     parser.add_argument("--sweep", default="4,8,16,32,64,128", help="staging MiB to sweep ('' to skip)")
@@ -203,6 +207,8 @@ def main() -> None:
 
     if args.head_chunks is not None:
         transfer.HEAD_CHUNKS = args.head_chunks
+    if args.tail_chunks is not None:
+        transfer.TAIL_CHUNKS = args.tail_chunks
     names = [n for n in args.configs.split(",") if n]
     transfer_max = max(args.blocks * CONFIGS[n].block_bytes for n in names)
     burst = {n: max(2, math.ceil(args.burst_gib * GIB / (args.blocks * CONFIGS[n].block_bytes))) for n in names}
@@ -231,7 +237,7 @@ def main() -> None:
             rows.append(Row(case.name, d, method, False, ceiling[case.name][d], "GB/s", ceiling[case.name][d]))
 
     for mode in [m for m in args.modes.split(",") if m]:
-        use_lane(engine, cases, DEFAULT_STAGING_BYTES, mode)
+        use_lane(engine, cases, args.staging_mib * MIB, mode)
         for case in cases:
             k = burst[case.name]
             save = burst_gbps(case, [case.save], k, args.repeat, f"{case.name}/{mode}/save")
