@@ -669,7 +669,7 @@ def test_merged_runs_of_many_entries_match_a_plain_merge(ranks):
     @given(st.lists(st.integers(0, 400), min_size=66, max_size=120, unique=True))
     def check(slots):
         # Large victim sets take numpy's path: the runs must be those of a sort-and-merge loop.
-        entries = [index_module.Entry(NS, h(i), S, tuple((slots[i] + 500 * r) * S for r in range(ranks)), 0.0, 0)
+        entries = [index_module.Entry(NS, h(i), S, tuple((slots[i] + 500 * r) * S for r in range(ranks)), None, 0)
                    for i in range(len(slots))]
         spans = sorted(o for e in entries for o in e.slots)
         expected: list[list[int]] = []

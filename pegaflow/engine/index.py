@@ -61,6 +61,20 @@ SPLIT_CHUNK = 1024
 _drain = deque(maxlen=0).extend  # runs an iterator to its end in C (itertools' "consume")
 
 
+class Batch:
+    """The entries one save created, for the write timeout: one record per save, not per block.
+
+    ``remaining`` counts those still WRITING; at zero the batch lets go of its entries.
+    """
+
+    __slots__ = ("created", "entries", "remaining")
+
+    def __init__(self, created: float, count: int) -> None:
+        self.created = created
+        self.entries: list[Entry] | None = None
+        self.remaining = count
+
+
 class Entry:
     """One block of one namespace: a slot per stored rank.
 
@@ -69,16 +83,16 @@ class Entry:
     Identity is the object: a key dropped and saved again is a new entry.
     """
 
-    __slots__ = ("namespace", "hash", "slot_bytes", "slots", "created", "written", "in_flight", "full", "pins",
+    __slots__ = ("namespace", "hash", "slot_bytes", "slots", "batch", "written", "in_flight", "full", "pins",
                  "dead")
 
-    def __init__(self, namespace: str, h: bytes, slot_bytes: int, slots: tuple[int, ...], created: float,
+    def __init__(self, namespace: str, h: bytes, slot_bytes: int, slots: tuple[int, ...], batch: Batch | None,
                  in_flight: int) -> None:
         self.namespace = namespace
         self.hash = h
         self.slot_bytes = slot_bytes
         self.slots = slots  # byte offset of each stored rank's slot in the pool; () once freed
-        self.created = created
+        self.batch = batch  # the save that created it (its creation time)
         self.written = 0
         self.in_flight = in_flight
         self.full = (1 << len(slots)) - 1
@@ -214,7 +228,12 @@ class BlockIndex:
         self._ready: dict[str, dict[bytes, Entry]] = {}
         self._pending: dict[str, dict[bytes, Entry]] = {}
         self._lru: OrderedDict[Entry, None] = OrderedDict()  # READY and unpinned, least recently used first
-        self._writing: OrderedDict[Entry, None] = OrderedDict()  # by creation time
+        # Saves' new entries by creation time, for the write timeout: a batch per save, so an
+        # entry costs no insert and delete of its own there (an OrderedDict's took ~0.4 us a
+        # block on the dev machine). Batches whose entries are all READY or dropped leave it
+        # from the front, or all at once when nothing is WRITING.
+        self._batches: deque[Batch] = deque()
+        self._writing = 0  # WRITING entries
         # Query hits not yet applied to _lru, one tuple per query, oldest first; the first
         # _touch_head of the oldest are applied already; _touch_count: those not yet applied.
         self._touches: deque[tuple[Entry, ...]] = deque()
@@ -322,8 +341,8 @@ class BlockIndex:
             return {
                 **self.counters,
                 "entries": self._count,
-                "entries_ready": self._count - len(self._writing),
-                "entries_writing": len(self._writing),
+                "entries_ready": self._count - self._writing,
+                "entries_writing": self._writing,
                 "entries_pinned": self._pinned,
                 "pool_used": self.allocator.used_bytes,
                 "pool_free": self.allocator.free_bytes,
@@ -414,7 +433,7 @@ class BlockIndex:
                     if entry.written == entry.full:
                         ready.append(entry)
             if ready:
-                _drain(map(self._writing.__delitem__, ready))
+                self._left_writing(ready)
                 self._lru.update(dict.fromkeys(ready))
                 ns = ready[0].namespace  # a plan is of one namespace (prepare_save's)
                 hashes = list(map(_hash_of, ready))
@@ -546,12 +565,15 @@ class BlockIndex:
                     break
                 slots.append(tuple(got))
             count = len(slots)
-        now = self._clock()
+        batch = Batch(self._clock(), count)
         # map over repeat() calls the constructor from C: no comprehension frame per entry.
-        entries = list(map(Entry, repeat(namespace, count), fresh, repeat(slot_bytes), slots, repeat(now),
+        entries = list(map(Entry, repeat(namespace, count), fresh, repeat(slot_bytes), slots, repeat(batch),
                            repeat(in_flight)))
         self._pending.setdefault(namespace, {}).update(zip(fresh, entries))
-        self._writing.update(dict.fromkeys(entries))
+        if count:
+            batch.entries = entries
+            self._batches.append(batch)
+            self._writing += count
         self._count += count
         return range(count), entries, rank_offsets
 
@@ -628,22 +650,45 @@ class BlockIndex:
             self._lru.move_to_end(entry, last=False)
 
     def _reclaim_expired(self) -> None:
+        batches = self._batches
+        if not batches:
+            return
         deadline = self._clock() - self.write_timeout_s
-        while self._writing:
-            entry = next(iter(self._writing))
-            if entry.created > deadline:
+        while batches:
+            batch = batches[0]
+            if batch.remaining and batch.created > deadline:
                 break
-            logger.warning("block %s of %s not written by every rank in %.1f s: reclaimed",
-                           entry.hash.hex()[:16], entry.namespace, self.write_timeout_s)
-            self.counters["write_timeouts"] += 1
-            self._drop(entry)
-            self._release_if_idle(entry)
+            batches.popleft()
+            if not batch.remaining:
+                continue
+            late = [e for e in batch.entries or () if not e.dead and e.written != e.full]
+            batch.entries = None
+            if not late:  # cannot happen: remaining counts exactly these
+                continue
+            logger.warning("%d block(s) of %s not written by every rank in %.1f s: reclaimed (first %s)",
+                           len(late), late[0].namespace, self.write_timeout_s, late[0].hash.hex()[:16])
+            self.counters["write_timeouts"] += len(late)
+            for entry in late:
+                self._drop(entry)
+                self._release_if_idle(entry)
+
+    def _left_writing(self, entries: Iterable[Entry]) -> None:
+        """``entries`` (WRITING until now) became READY or were dropped."""
+        n = 0
+        for entry in entries:
+            batch = entry.batch
+            batch.remaining -= 1
+            if not batch.remaining:
+                batch.entries = None
+            n += 1
+        self._writing -= n
+        if not self._writing:
+            self._batches.clear()
 
     def _drop(self, entry: Entry) -> None:
         """Remove from every table; the caller frees the slots when nothing is in flight."""
         entry.dead = True
         self._pop(entry)
-        self._writing.pop(entry, None)
         self._lru.pop(entry, None)
 
     def _put_ready(self, entry: Entry) -> None:
@@ -651,12 +696,15 @@ class BlockIndex:
         self._count += 1
 
     def _pop(self, entry: Entry) -> None:
-        tables = self._ready if entry.written == entry.full else self._pending
+        writing = entry.written != entry.full
+        tables = self._pending if writing else self._ready
         table = tables[entry.namespace]
         del table[entry.hash]
         if not table:
             del tables[entry.namespace]
         self._count -= 1
+        if writing:
+            self._left_writing((entry,))
 
     def _release_if_idle(self, entry: Entry) -> None:
         """Free a dead entry's slots once no copy writes or reads them."""
