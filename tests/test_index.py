@@ -175,6 +175,33 @@ def test_unfinished_entries_are_reclaimed_after_the_write_timeout():
     assert index.counters["write_timeouts"] == 2
 
 
+def test_save_records_are_let_go_once_their_entries_are_ready_or_reclaimed():
+    clock = Clock()
+    index = BlockIndex(64 * S, 5.0, clock=clock)
+    save(index, [0, 1], rank=0, ranks=2)  # rank 1 never comes: held until the timeout
+    for i in range(3):
+        save(index, [10 + 2 * i, 11 + 2 * i], rank=0, ranks=2)
+        save(index, [10 + 2 * i, 11 + 2 * i], rank=1, ranks=2)
+    assert index.query(NS, [h(10), h(11)]) == 2
+    assert index.stats()["entries_writing"] == 2 and index.stats()["entries_ready"] == 6
+    # The stuck record at the front keeps the finished ones behind it, whose entries it dropped.
+    assert len(index._batches) == 4 and [b.entries is None for b in index._batches] == [False, True, True, True]
+    clock.now += 5.1
+    assert index.query(NS, [h(0)]) == 0
+    assert not index._batches and index.stats()["entries_writing"] == 0
+    assert index.counters["write_timeouts"] == 2 and len(index) == 6
+
+
+def test_a_dropped_writing_entry_leaves_the_writing_count():
+    index = BlockIndex(16 * S, 30.0)
+    plan = index.prepare_save(NS, [h(0), h(1)], 0, 2, S)
+    assert index.stats()["entries_writing"] == 2
+    assert index.drop_namespace(NS) == 2
+    assert index.stats()["entries_writing"] == 0 and not index._batches
+    index.complete_save(plan, True)  # the copy ends after the drop: its slots are freed now
+    assert index.allocator.used_bytes == 0 and len(index) == 0
+
+
 def test_an_entry_reclaimed_mid_copy_frees_its_slots_when_the_copy_completes():
     clock = Clock()
     index = BlockIndex(2 * S, 5.0, clock=clock)
