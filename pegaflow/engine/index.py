@@ -662,10 +662,9 @@ class BlockIndex:
             batches.popleft()
             if not batch.remaining:
                 continue
-            late = [e for e in batch.entries or () if not e.dead and e.written != e.full]
+            # remaining > 0: the batch still holds its entries, and exactly that many are late.
+            late = [e for e in batch.entries if not e.dead and e.written != e.full]
             batch.entries = None
-            if not late:  # cannot happen: remaining counts exactly these
-                continue
             logger.warning("%d block(s) of %s not written by every rank in %.1f s: reclaimed (first %s)",
                            len(late), late[0].namespace, self.write_timeout_s, late[0].hash.hex()[:16])
             self.counters["write_timeouts"] += len(late)
@@ -673,16 +672,14 @@ class BlockIndex:
                 self._drop(entry)
                 self._release_if_idle(entry)
 
-    def _left_writing(self, entries: Iterable[Entry]) -> None:
+    def _left_writing(self, entries: Sequence[Entry]) -> None:
         """``entries`` (WRITING until now) became READY or were dropped."""
-        n = 0
         for entry in entries:
             batch = entry.batch
             batch.remaining -= 1
             if not batch.remaining:
                 batch.entries = None
-            n += 1
-        self._writing -= n
+        self._writing -= len(entries)
         if not self._writing:
             self._batches.clear()
 
