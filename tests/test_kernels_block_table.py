@@ -96,3 +96,54 @@ def test_bad_tables_and_launches_rejected_before_any_copy(target, impl) -> None:
             impl.launch_rows(table, first, count, buffer)
     sync(device)
     assert_same_bytes(raw_bytes(kv.regions[0].owner), kv_before, "KV cache after refused launches")
+
+
+@pytest.mark.parametrize("to_kv", [False, True], ids=["gather", "scatter"])
+@pytest.mark.parametrize("layout", ["LBNHC", "BLHNC", "kv_first", "fp8_ds_mla"])
+@pytest.mark.parametrize("target", TARGETS)
+def test_warm_up_copies_nothing(layout: str, target, to_kv: bool) -> None:
+    """The compile-ahead launch (every page length 0 in its table) leaves the KV cache and the
+    buffer as they were, bit for bit, in either direction."""
+    device = target[0]
+    kv = LAYOUTS[layout](device).regions
+    pitch = pitch_for(kv.block_bytes)
+    window, whole, _ = aligned_buffer(2 * pitch, target)
+    buffer_before, kv_before = whole.clone(), raw_bytes(kv.regions[0].owner).clone()
+    triton_copy.warm_up(kv, pitch, window, to_kv=to_kv, tuning=SMALL_TUNING)
+    sync(device)
+    assert_same_bytes(whole, buffer_before, "buffer after a warm-up")
+    assert_same_bytes(raw_bytes(kv.regions[0].owner), kv_before, "KV cache after a warm-up")
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_warm_up_checks_the_pitch(target) -> None:
+    kv = LAYOUTS["LBNHC"](target[0]).regions
+    window, _, _ = aligned_buffer(2 * pitch_for(kv.block_bytes), target)
+    with pytest.raises(ValueError):
+        triton_copy.warm_up(kv, kv.block_bytes - 16, window, to_kv=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("to_kv", [False, True], ids=["gather", "scatter"])
+def test_warm_up_compiles_the_variant_a_table_launches(to_kv: bool) -> None:
+    """After a warm-up, a real table's launch on a buffer of the same alignment compiles
+    nothing more (read from Triton's per-device kernel cache; skipped where that differs)."""
+    kernel = triton_copy._copy_pages_kernel
+    caches = getattr(kernel, "device_caches", None)
+    kv = LAYOUTS["LBNHC"]("cuda").regions
+    pitch = pitch_for(kv.block_bytes) + 512  # a pitch no other test used: a fresh variant
+    window, _, _ = aligned_buffer(3 * pitch, ("cuda", "staging"))
+
+    def compiled() -> int:
+        entry = caches.get(torch.cuda.current_device()) if isinstance(caches, dict) else None
+        if not (isinstance(entry, tuple) and entry and isinstance(entry[0], dict)):
+            pytest.skip("this Triton keeps its kernel cache elsewhere")
+        return len(entry[0])
+
+    triton_copy.warm_up(kv, pitch, window, to_kv=to_kv)
+    after_warm_up = compiled()
+    table = triton_copy.block_table(kv, some_ids(kv.num_blocks, 3, seed=5), pitch, to_kv=to_kv)
+    triton_copy.launch_rows(table, 0, 3, window)
+    torch.cuda.synchronize()
+    assert compiled() == after_warm_up

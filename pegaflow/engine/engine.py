@@ -123,7 +123,10 @@ class Engine:
                     f"kv.block_bytes ({kv.block_bytes}) differs from instance {instance_id!r}'s "
                     f"block_bytes ({inst.spec.block_bytes})"
                 )
-            inst.kv[rank] = (kv, self._lane_for(kv, device))
+            lane = self._lane_for(kv, device)
+            inst.kv[rank] = (kv, lane)
+        if isinstance(lane, GpuLane):
+            lane.warm_up(kv, inst.slot_bytes, f"instance {instance_id} rank {rank}")
 
     def unregister_kv(self, instance_id: str, rank: int) -> None:
         """Forget one rank's KV cache; copies already in flight keep its memory alive and finish."""

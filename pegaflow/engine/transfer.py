@@ -20,6 +20,7 @@ import ctypes
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -336,6 +337,31 @@ class GpuLane:
         so that the rest's completion bookkeeping overlaps its copy."""
         return TAIL_CHUNKS * self._per_chunk(self._paths[direction], slot_bytes)
 
+    def warm_up(self, kv: KVRegions, slot_bytes: int, label: str = "") -> None:
+        """Compile, in the background, the copy kernels that transfers of ``kv`` will launch
+        (each path's launcher thread, which launches nothing else while it runs): the first
+        staged transfer would otherwise wait ~1-2 s for Triton, with the server's loop (its
+        caller) and every other client behind it."""
+        if self._zero_copy:
+            return
+        for direction, path in self._paths.items():
+            # Saves that go by the copy engines alone launch no kernel; loads longer than a
+            # transfer tail are always staged.
+            if direction == LOAD or self._dma_plan(kv) is None:
+                path.launcher.put(lambda path=path: self._warm_up(path, kv, slot_bytes, label))
+
+    def _warm_up(self, path: _Path, kv: KVRegions, slot_bytes: int, label: str) -> None:
+        start = time.perf_counter()
+        try:
+            with path.launch_lock, torch.cuda.device(self.device), torch.cuda.stream(path.sm):
+                staging = path.buffers(slot_bytes)
+                with _KERNEL_LOCK:
+                    self._copier.warm_up(kv, slot_bytes, staging[0], to_kv=path.direction == LOAD)
+        except Exception as exc:  # the first transfer compiles instead (and reports what fails)
+            logger.warning("%s: could not compile the %s kernel ahead: %s", label, path.direction, exc)
+            return
+        logger.info("%s: %s kernel ready in %.2f s", label, path.direction, time.perf_counter() - start)
+
     def new_event(self, nbytes: int = 1 << 62) -> torch.cuda.Event:
         """The completion event of a job of ``nbytes``: a short job's spins (the completion
         thread sees its end within microseconds, not after an interrupt's wake-up), a longer
@@ -526,16 +552,19 @@ class GpuLane:
                 self._copier.launch_rows(table, first, count, staging[b])
             path.free[b].record(path.sm)
 
+        if not work:
+            return
+        # The first chunk's DMA needs no id table: enqueued first, the copy engine starts at
+        # once and the table's upload and the first scatter's launch hide behind it.
+        copy(0)
         with torch.cuda.stream(path.sm):  # the upload and the scatters: SM stream
             table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=True)
             # DMA k+1 is enqueued before scatter k, so the copy engine always has the next
             # chunk queued even if enqueueing a scatter blocks this thread.
-            for k in range(len(work)):
+            for k in range(1, len(work)):
                 copy(k)
-                if k:
-                    scatter(k - 1)
-            if work:
-                scatter(len(work) - 1)
+                scatter(k - 1)
+            scatter(len(work) - 1)
 
     def _zero_copy_job(self, path: _Path, job: CopyJob) -> None:
         slot = job.slot_bytes
