@@ -224,6 +224,10 @@ def figures(workers: Workers, args: argparse.Namespace, smoke: bool, job_blocks:
     if "bulk" not in skip:
         out["bulk_both"] = workers.call("bulk", {"mode": "both", "rounds": args.rounds, "inflight": args.inflight})
         log("bulk both done")
+        # Once more after the bulk phases: the ratios take the higher of the two (the
+        # two-direction ceiling moved by up to 10 % within one run on the lent hosts).
+        out["ceilings_late"] = workers.call("ceilings", {})
+        log(f"ceilings after the bulk phases: {out['ceilings_late']}")
     if "interference" not in skip and "bulk" not in skip:
         rounds = args.interference_rounds or (2 if smoke else 12)
         # Loads first (they read the bulk saves' blocks); the saves' churn then evicts those.
