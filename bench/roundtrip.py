@@ -186,7 +186,9 @@ def traced_server(endpoint: str, device: str, out_path: str, ready: Any, spin: b
         setattr(owner, name, traced)
 
     devices = () if device == "cpu" else (torch.device(device).index or 0,)
-    engine = Engine(EngineConfig(pool_bytes=pool_bytes, devices=devices))
+    # The server's default save path (`python -m pegaflow.server --save-path auto`), not the
+    # in-process Engine's (staged): the breakdown is of the server as it runs.
+    engine = Engine(EngineConfig(pool_bytes=pool_bytes, devices=devices, save_mode="auto"))
     server = ServerLoop(LoopConfig(endpoint=endpoint, tcp=None, client_timeout_s=30.0), engine, devices)
     server.bind()
     router = server.router
