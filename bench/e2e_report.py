@@ -49,17 +49,16 @@ def build_rows(results: dict[str, Any], shape: str, layout: str, tp: int, block_
     runs = [c for c in (results.get("ceilings"), results.get("ceilings_late")) if c]
     if not runs:
         return rows
-    # Per rank, the higher of the measurements (before and after the bulk phases); summed.
-    measured = {d: [sum(_gbps(c["bytes"] * (2 if d == "both" else 1), c[f"{d}_ms"]) for c in run) for run in runs]
-                for d in ("save", "load", "both")}
-    ceil = {d: sum(max(_gbps(run[i]["bytes"] * (2 if d == "both" else 1), run[i][f"{d}_ms"]) for run in runs)
-                   for i in range(len(runs[0])))
+    # GB/s of every measurement (before and after the bulk phases), by run then rank; the
+    # ceiling sums each rank's higher one.
+    gbps = {d: [[_gbps(c["bytes"] * (2 if d == "both" else 1), c[f"{d}_ms"]) for c in run] for run in runs]
             for d in ("save", "load", "both")}
+    ceil = {d: sum(map(max, zip(*by_run))) for d, by_run in gbps.items()}
     for d, key, dirs, name in (("save", "bulk_save", ("save",), "ceiling-contiguous-copy"),
                                ("load", "bulk_load", ("load",), "ceiling-contiguous-copy"),
                                ("both", "bulk_both", ("save", "load"), "ceiling-two-streams")):
         rows.append(Row(config, d, name, False, round(ceil[d], 3), "GB/s",
-                        note="highest per rank of " + ", ".join(f"{x:.1f}" for x in measured[d])))
+                        note="highest per rank of " + ", ".join(f"{sum(run):.1f}" for run in gbps[d])))
         if key in results:
             rates = bulk_rates(results[key], dirs)
             rows.append(_vs(config, d, "pegaflow-e2e", statistics.median(rates), "GB/s", ceil[d],
