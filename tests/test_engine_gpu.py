@@ -238,3 +238,39 @@ def test_busy_caller_stream_does_not_reorder_the_id_upload(monkeypatch, inline):
         assert same(blocks(cache, dst), expected)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("kind", ["BLNHC", "BLHNC"])
+def test_block_first_layouts_go_whole_by_dma_in_merged_runs(monkeypatch, kind):
+    """Blocks that are one contiguous run: a long load by the copy engines too (no staging),
+    consecutive blocks in consecutive slots as one copy each way; bit-exact, nothing else
+    touched."""
+    from pegaflow.engine import transfer
+
+    monkeypatch.setattr(transfer, "WHOLE_BLOCK_DMA_BYTES", 1)  # the test's blocks are 4 KiB
+    cache = make_cache(kind)
+    assert slot_of(cache) == cache.regions.block_bytes
+    engine = engine_for(cache, "dma", slots=64)
+    lane = engine._lanes[0]
+    sizes: list[int] = []
+    copy = lane._dma
+    lane._dma = lambda dst, src, nbytes, stream: (sizes.append(nbytes), copy(dst, src, nbytes, stream))
+    try:
+        src = list(range(10, 26)) + [3, 40, 41]  # runs of 16, 1 and 2 blocks
+        hs = hashes(len(src))
+        expected = blocks(cache, src)
+        assert engine.save("vllm-0", 0, src, hs).wait(30).ok
+        saved = len(sizes)
+        assert saved < len(src)  # merged: the fresh pool hands out consecutive slots
+        torch.cuda.synchronize()
+        before = cache.buffer.clone()
+        dst = list(range(44, 63))  # one run of blocks
+        result = engine.load("vllm-0", 0, dst, hs).wait(30)
+        assert result.ok and result.num_blocks == len(dst)
+        assert len(sizes) - saved < len(dst)
+        assert sum(sizes[saved:]) == len(dst) * cache.regions.block_bytes
+        assert same(blocks(cache, dst), expected)
+        others = [b for b in range(NUM_BLOCKS) if b not in dst]
+        assert same(blocks(cache, others), _blocks_of_buffer(cache, before, others))
+    finally:
+        engine.close()

@@ -208,3 +208,62 @@ def test_dma_loads_up_to_a_transfer_head_longer_ones_staged(fake_cuda):
         assert len(copies_2d) == len(short)  # one 2D copy per block of the short load, none for the long one
     finally:
         lane.close()
+
+
+@pytest.mark.parametrize("layout", ["BLNHC", "BLHNC"])
+def test_whole_block_layouts_copy_runs_by_dma_at_any_length(fake_cuda, monkeypatch, layout):
+    """Block-first layouts: saves and loads of any length are 1D copies, one per run of
+    consecutive blocks in consecutive slots; no 2D copy, no staging scatter."""
+    monkeypatch.setattr(transfer, "WHOLE_BLOCK_DMA_BYTES", 1)  # the test's blocks are small
+    cache = allocate_attention_kv_cache(layout, num_layers=3, num_blocks=24, num_kv_heads=2, head_size=8,
+                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
+    cache.buffer.view(torch.uint8).copy_(torch.randint(0, 256, (cache.buffer.numel() * cache.buffer.element_size(),),
+                                                       dtype=torch.uint8))  # fmt: skip
+    slot = cache.regions.block_bytes
+    pool = torch.randint(0, 256, (30 * slot,), dtype=torch.uint8)
+    lane = make_lane(pool, 2 * slot, False, 0)  # one block per staging chunk: any load is "long"
+    copies_1d, copies_2d, scatters = [], [], []
+    memmove = lane._dma
+    lane._dma = lambda dst, src, nbytes, stream: (copies_1d.append(nbytes), memmove(dst, src, nbytes, stream))
+    for d in (SAVE, LOAD):
+        lane._copy_2d[d] = lambda *args: copies_2d.append(args)
+    lane._copier = type("NoScatter", (), {"block_table": lambda *a, **k: scatters.append(a),
+                                          "launch_rows": lambda *a, **k: scatters.append(a)})
+    try:
+        src = [4, 5, 6, 9, 10, 0]  # block runs 4-6, 9-10, 0
+        slots = [2, 3, 4, 5, 6, 20]  # slot runs 2-6, 20: copies 4-6 -> 2-4, 9-10 -> 5-6, 0 -> 20
+        offsets = [s * slot for s in slots]
+        expected = [block_bytes(cache, b).clone() for b in src]
+        pool_before = pool.clone()
+        assert run(lane, SAVE, cache.regions, src, offsets, slot) == (True, None)
+        assert copies_1d == [3 * slot, 2 * slot, slot]
+        for s, data in zip(slots, expected):
+            assert torch.equal(pool[s * slot : (s + 1) * slot], data)
+        untouched = [s for s in range(30) if s not in slots]
+        assert all(torch.equal(pool[s * slot : (s + 1) * slot], pool_before[s * slot : (s + 1) * slot]) for s in untouched)
+
+        copies_1d.clear()
+        dst = [11, 12, 13, 14, 15, 16]  # consecutive blocks, slot runs 2-6 and 20
+        kv_before = {b: block_bytes(cache, b).clone() for b in range(24)}
+        assert run(lane, LOAD, cache.regions, dst, offsets, slot) == (True, None)
+        assert copies_1d == [5 * slot, slot]
+        for b, data in zip(dst, expected):
+            assert torch.equal(block_bytes(cache, b), data)
+        assert all(torch.equal(block_bytes(cache, b), kv_before[b]) for b in range(24) if b not in dst)
+        assert copies_2d == [] and scatters == []
+    finally:
+        lane.close()
+
+
+def test_whole_block_loads_need_blocks_of_at_least_the_threshold(fake_cuda):
+    cache = allocate_attention_kv_cache("BLNHC", num_layers=3, num_blocks=16, num_kv_heads=1, head_size=8,
+                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
+    slot = cache.regions.block_bytes  # far below WHOLE_BLOCK_DMA_BYTES
+    lane = make_lane(torch.zeros(16 * slot, dtype=torch.uint8), 2 * slot, False, 0)
+    try:
+        job = CopyJob(LOAD, cache.regions, list(range(8)), [b * slot for b in range(8)], slot, None, None)
+        assert lane._dma_load_plan(lane._paths[LOAD], job) is None  # long and small: staged
+        job.block_ids, job.offsets = [0], [0]
+        assert lane._dma_load_plan(lane._paths[LOAD], job) is not None  # a short load: DMA
+    finally:
+        lane.close()

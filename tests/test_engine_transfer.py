@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pegaflow.engine.transfer import Piece, chunk_runs, pieces, runs
+from pegaflow.engine.transfer import Piece, block_runs, chunk_runs, pieces, runs
 
 S = 4096
 
@@ -58,3 +58,14 @@ def test_runs_of_long_jobs_match_the_plain_loop(base, n, cap, changes):
         if i < n:
             offsets[i] = slot * S
     assert runs(offsets, S, cap) == _runs_by_loop(offsets, S, cap)
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)), max_size=80))
+def test_block_runs_cover_every_block_once_in_consecutive_blocks_and_slots(pairs):
+    """Short jobs take the loop, long ones numpy: both must agree with the definition."""
+    ids, offsets = [b for b, _ in pairs], [s * S for _, s in pairs]
+    out = block_runs(ids, offsets, S)
+    flat = [(b + j, off + j * S) for b, off, n in out for j in range(n)]
+    assert flat == list(zip(ids, offsets))
+    for (b, off, n), (b2, off2, _) in zip(out, out[1:]):
+        assert not (b2 == b + n and off2 == off + n * S), "two runs that touch were not merged"

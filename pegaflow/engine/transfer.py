@@ -54,6 +54,13 @@ INLINE_MAX_CHUNKS = 64
 HEAD_CHUNKS = 2
 TAIL_CHUNKS = 2
 
+# A block at least this long in one contiguous run (block-first layouts, BLNHC / BLHNC: every
+# layer's page of a block back to back) loads by the copy engines alone at any length: staging
+# would add a scatter to copies that already run whole. The copy engine's cost per row made
+# 64 KiB rows 0.92 of one contiguous copy and 72 KiB rows 0.95-0.97 (H200, session 3); a
+# whole block is 640 KiB (70B TP8) to 4 MiB in the benchmark configs.
+WHOLE_BLOCK_DMA_BYTES = 256 << 10
+
 # Completion events of jobs up to this size spin-wait (about 0.3 ms of copy at most); larger
 # jobs' block. Measured on the H200 (bench/roundtrip.py --profile, 1-block jobs): spinning
 # events took 40-120 us off a save's or a load's round trip.
@@ -117,6 +124,30 @@ def runs(offsets: list[int], slot_bytes: int, max_count: int) -> list[tuple[int,
     starts = [0, *(np.flatnonzero(cut) + 1).tolist()]
     ends = starts[1:] + [n]
     return [(a, offsets[a], b - a) for a, b in zip(starts, ends)]
+
+
+def block_runs(block_ids: list[int], offsets: list[int], slot_bytes: int) -> list[tuple[int, int, int]]:
+    """``(block, offset, count)`` of each run of consecutive blocks in consecutive slots: where
+    a block is one contiguous run that fills its stride and its slot, such a run is one copy."""
+    n = len(block_ids)
+    if n <= 32:
+        out: list[tuple[int, int, int]] = []
+        start = 0
+        for j in range(1, n + 1):
+            if j == n or block_ids[j] != block_ids[j - 1] + 1 or offsets[j] != offsets[j - 1] + slot_bytes:
+                out.append((block_ids[start], offsets[start], j - start))
+                start = j
+        return out
+    ids, at = np.asarray(block_ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+    cut = (np.diff(ids) != 1) | (np.diff(at) != slot_bytes)
+    starts = [0, *(np.flatnonzero(cut) + 1).tolist()]
+    ends = starts[1:] + [n]
+    return [(block_ids[a], offsets[a], b - a) for a, b in zip(starts, ends)]
+
+
+def _whole_blocks(plan: tuple[dma.Rows, ...], min_bytes: int) -> bool:
+    """Each block is one contiguous run of at least ``min_bytes``."""
+    return len(plan) == 1 and plan[0].contiguous and plan[0].run_bytes >= min_bytes
 
 
 def pieces(offsets: list[int], slot_bytes: int, max_count: int) -> list[Piece]:
@@ -346,8 +377,9 @@ class GpuLane:
             return
         for direction, path in self._paths.items():
             # Saves that go by the copy engines alone launch no kernel; loads longer than a
-            # transfer tail are always staged.
-            if direction == LOAD or self._dma_plan(kv) is None:
+            # transfer tail are staged unless each block is one long run.
+            plan = self._dma_plan(kv)
+            if plan is None or (direction == LOAD and not _whole_blocks(plan, WHOLE_BLOCK_DMA_BYTES)):
                 path.launcher.put(lambda path=path: self._warm_up(path, kv, slot_bytes, label))
 
     def _warm_up(self, path: _Path, kv: KVRegions, slot_bytes: int, label: str) -> None:
@@ -493,10 +525,16 @@ class GpuLane:
         alone: a staged load costs the host ~0.4 ms more to launch (the id table's upload, a
         Triton launch, stream and event calls), more than 2D DMA loses to staging's bandwidth
         (0.93 against 0.97-0.98 of PCIe with 64 KiB rows) on up to ~400 MiB. A long load's
-        head and tail pieces are such loads; its middle is staged."""
-        if self._dma_min_row is None or len(job.offsets) > TAIL_CHUNKS * self._per_chunk(path, job.slot_bytes):
+        head and tail pieces are such loads; its middle is staged. Blocks that are one
+        contiguous run of at least WHOLE_BLOCK_DMA_BYTES go by the copy engines at any length."""
+        if self._dma_min_row is None:
             return None
-        return self._plan(job.kv)
+        plan = self._plan(job.kv)
+        if plan is not None and _whole_blocks(plan, WHOLE_BLOCK_DMA_BYTES):
+            return plan
+        if len(job.offsets) > TAIL_CHUNKS * self._per_chunk(path, job.slot_bytes):
+            return None
+        return plan
 
     def _plan(self, kv: KVRegions) -> tuple[dma.Rows, ...] | None:
         key = kv.geometry
@@ -520,6 +558,17 @@ class GpuLane:
         save = job.direction == SAVE
         if save:
             _wait_for_producer(job, path.dma)
+        if len(plan) == 1 and plan[0].contiguous and plan[0].dst == 0 and plan[0].run_bytes == stride == job.slot_bytes:
+            # Each block fills its stride and its slot: consecutive blocks in consecutive slots
+            # are one run on both sides, one copy.
+            base, size = plan[0].src, job.slot_bytes
+            for b, off, n in block_runs(job.block_ids, job.offsets, size):
+                kv, slot = base + b * stride, pool + off
+                if save:
+                    copy_1d(slot, kv, n * size, stream)
+                else:
+                    copy_1d(kv, slot, n * size, stream)
+            return
         for rows in plan:
             for b, off in zip(job.block_ids, job.offsets):
                 kv, slot = rows.src + b * stride, pool + off + rows.dst
