@@ -44,8 +44,6 @@ def test_settings_env_overrides_extra_config():
         ({"save_scope": "decode"}, "save_scope"),
         ({"retry_initial_s": 5, "retry_max_s": 1}, "retry_max_s"),
         ({"instance_id": ""}, "instance_id"),
-        ({"kv_cache_layout": "LHBNC"}, "kv_cache_layout"),
-        ({"kv_cache_layout": "blhnc"}, "kv_cache_layout"),
     ],
 )
 def test_settings_reject_bad_values_by_name(extra, word):

@@ -109,35 +109,6 @@ def test_prefix_saved_then_loaded_bit_identical(server, layout, tp, mla):
     assert_scheduler_empty(engine)
 
 
-FA_LAYOUTS = ["LBNHC", "LBHNC", "BLNHC", "BLHNC", "BHLNC", "LHBNC"]  # FlashAttention's candidates (probed)
-
-
-@pytest.mark.parametrize("requested, supported, resolved", [
-    (None, FA_LAYOUTS, "LBNHC"),  # no setting: vLLM's first candidate
-    ("BLHNC", FA_LAYOUTS, "BLHNC"),
-    ("BLNHC", FA_LAYOUTS, "BLNHC"),
-    ("BLNHC", ["LBHNC", "BLHNC"], "LBHNC"),  # not supported by the backends: vLLM keeps its own
-])
-def test_vllm_resolves_the_layout_the_connector_asks_for(monkeypatch, requested, supported, resolved):
-    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
-
-    monkeypatch.delenv("VLLM_KV_CACHE_LAYOUT", raising=False)
-    extra = {} if requested is None else {"kv_cache_layout": requested}
-    setup = make_setup("ipc:///unused", extra=extra)
-    setup.vllm_config.cache_config.kv_cache_layout = None  # as before vLLM's engine core resolves it
-    assert resolve_kv_cache_layout(setup.vllm_config, [supported]).name == resolved
-
-
-def test_a_bad_layout_setting_fails_vllm_start_up_with_its_name(monkeypatch):
-    from vllm.v1.attention.backends.utils import resolve_kv_cache_layout
-
-    monkeypatch.delenv("VLLM_KV_CACHE_LAYOUT", raising=False)
-    setup = make_setup("ipc:///unused", extra={"kv_cache_layout": "HND"})
-    setup.vllm_config.cache_config.kv_cache_layout = None
-    with pytest.raises(ValueError, match="kv_cache_layout"):
-        resolve_kv_cache_layout(setup.vllm_config, [FA_LAYOUTS])
-
-
 def test_a_connector_reset_drops_the_saved_prefix_so_it_is_recomputed(server):
     setup = make_setup(server.ipc, instance_id="reset", extra={"namespace": "reset-test"})
     engine = Engine(setup, [Worker(setup)])

@@ -17,10 +17,6 @@ ENV_AUTH_TOKEN = "PEGAFLOW_AUTH_TOKEN"
 # The server's default control endpoint (python -m pegaflow.server without --endpoint).
 DEFAULT_ENDPOINT = "ipc:///tmp/pega_engine.sock"
 SAVE_SCOPES = ("prompt", "all")
-# Layouts the connector may ask vLLM for (its preference; VLLM_KV_CACHE_LAYOUT still wins). The
-# block-first ones make each block of a rank one contiguous run: every transfer is then plain
-# copy-engine DMA. LHBNC and BHLNC are left out: a block of one layer is not contiguous there.
-KV_CACHE_LAYOUTS = ("LBNHC", "LBHNC", "BLNHC", "BLHNC")
 
 
 def _positive_float(name: str, value: Any) -> float:
@@ -46,10 +42,6 @@ class ConnectorSettings:
     * ``save_scope``: ``"all"`` saves prompt and decode blocks, ``"prompt"`` prompt blocks only.
     * ``auth_token``: the shared secret of a server started with one (``$PEGAFLOW_AUTH_TOKEN``
       overrides it; the client reads that variable itself when this is unset).
-    * ``kv_cache_layout``: the KV cache layout to ask vLLM for (one of ``KV_CACHE_LAYOUTS``);
-      None keeps vLLM's choice. vLLM takes it when every attention backend supports it
-      (FlashAttention: all four; FlashInfer on Blackwell: ``LBHNC``, ``BLHNC``), else warns and
-      keeps its own; ``VLLM_KV_CACHE_LAYOUT`` overrides it.
     """
 
     endpoint: str = DEFAULT_ENDPOINT
@@ -61,7 +53,6 @@ class ConnectorSettings:
     retry_max_s: float = 30.0
     save_scope: str = "all"
     auth_token: str | None = field(default=None, repr=False)
-    kv_cache_layout: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("endpoint", "instance_id"):
@@ -81,9 +72,6 @@ class ConnectorSettings:
             )
         if self.auth_token is not None and (not isinstance(self.auth_token, str) or not self.auth_token):
             raise ValueError("PegaKVConnector setting auth_token must be a non-empty string")
-        if self.kv_cache_layout is not None and self.kv_cache_layout not in KV_CACHE_LAYOUTS:
-            raise ValueError(f"PegaKVConnector setting kv_cache_layout must be one of {KV_CACHE_LAYOUTS} or None, "
-                             f"got {self.kv_cache_layout!r}")
         if self.save_scope not in SAVE_SCOPES:
             raise ValueError(f"PegaKVConnector setting save_scope must be one of {SAVE_SCOPES}, got {self.save_scope!r}")
 

@@ -98,14 +98,6 @@ class PegaKVConnector(KVConnectorBase_V1):
         combination at start-up instead of failing later."""
         return False
 
-    @classmethod
-    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
-        """The ``kv_cache_layout`` setting, or None (vLLM's choice). Called by vLLM's engine core
-        before any connector exists, so a bad setting fails start-up here."""
-        transfer = vllm_config.kv_transfer_config
-        extra = transfer.kv_connector_extra_config if transfer is not None else None
-        return ConnectorSettings.from_extra_config(extra).kv_cache_layout
-
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
         transfer = self._kv_transfer_config
