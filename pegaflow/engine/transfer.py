@@ -58,9 +58,9 @@ TAIL_CHUNKS = 2
 # layer's page of a block back to back) loads by the copy engines alone at any length, so the
 # server runs no SM work for it. On an H100 (2026-11-28, bench/engine.py, 512 blocks of
 # Llama-3-8B BLNHC, one run) such loads moved 48.2 GB/s between first and last completion
-# against 47.1 staged: the copy engine spends ~3 us on each copy, 1D or 2D (2 MiB per-block
-# copies 49.5-49.8 GB/s against 53.8 for one copy of the same bytes), about what staging's
-# scatter costs. Consecutive blocks in consecutive slots go as one copy.
+# against 47.1 staged, 45.9 against 38.9 wall to wall. Neither reaches PCIe speed: the copy
+# engine spends ~3 us on each copy, 1D or 2D (2 MiB per-block copies 49.5-49.8 GB/s against
+# 53.8 for one copy of the same bytes). Consecutive blocks in consecutive slots go as one copy.
 WHOLE_BLOCK_DMA_BYTES = 256 << 10
 
 # Completion events of jobs up to this size spin-wait (about 0.3 ms of copy at most); larger
