@@ -377,10 +377,10 @@ class GpuLane:
         caller) and every other client behind it."""
         if self._zero_copy:
             return
+        # Saves that go by the copy engines alone launch no kernel; loads longer than a
+        # transfer tail are staged unless each block is one long run.
+        plan = self._dma_plan(kv)
         for direction, path in self._paths.items():
-            # Saves that go by the copy engines alone launch no kernel; loads longer than a
-            # transfer tail are staged unless each block is one long run.
-            plan = self._dma_plan(kv)
             if plan is None or (direction == LOAD and not _whole_blocks(plan, WHOLE_BLOCK_DMA_BYTES)):
                 path.launcher.put(lambda path=path: self._warm_up(path, kv, slot_bytes, label))
 
