@@ -9,13 +9,24 @@ import os
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition, rule,
+                                 run_state_machine_as_test)
 
 import pegaflow.engine.index as index_module
 from pegaflow.engine.index import READY, SPLIT_CHUNK, WRITING, BlockIndex, split_hashes
 
 S = 1024  # slot bytes
 NS = "model@0000"
+
+
+@pytest.fixture(autouse=True, params=["compiled", "dicts"])
+def index_kind(request, monkeypatch):
+    """Every scenario twice: queries through the compiled tables, and through the dicts alone."""
+    if request.param == "dicts":
+        monkeypatch.setattr(index_module.hash_table, "warm_up", lambda: False)
+    elif not index_module.hash_table.warm_up():
+        pytest.skip("numba is not installed: the index has no compiled tables")
+    return request.param
 
 
 def h(i: int) -> bytes:
@@ -684,8 +695,9 @@ class IndexAgainstEagerModel(RuleBasedStateMachine):
                 assert index.state_of(ns, h(i)) == (None if e is None else READY if e.ready else WRITING)
 
 
-IndexAgainstEagerModel.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
-test_index_against_eager_model = IndexAgainstEagerModel.TestCase
+def test_index_against_eager_model():
+    run_state_machine_as_test(IndexAgainstEagerModel,
+                              settings=settings(max_examples=300, stateful_step_count=40, deadline=None))
 
 
 @pytest.mark.parametrize("ranks", [1, 2])

@@ -49,6 +49,8 @@ class EngineConfig:
     write_timeout_s: float = 30.0
     save_mode: str = "staged"
     pin_threads: int = DEFAULT_PIN_THREADS
+    # Queries through numba-compiled hash tables (when numba imports), not per-hash dict lookups.
+    compiled_index: bool = True
 
     def __post_init__(self) -> None:
         _check_int("pool_bytes", self.pool_bytes, 1)

@@ -72,7 +72,7 @@ class Engine:
             "blocks_loaded": 0, "skipped_saves": 0, "failed_saves": 0, "failed_loads": 0, "load_missing": 0,
         }  # fmt: skip
         self.pool = PinnedPool(config.pool_bytes, pin=bool(config.devices), threads=config.pin_threads)
-        self.index = BlockIndex(config.pool_bytes, config.write_timeout_s)
+        self.index = BlockIndex(config.pool_bytes, config.write_timeout_s, compiled=config.compiled_index)
         self._lanes: dict[int | None, Any] = {}
         try:
             if config.devices:
@@ -87,8 +87,9 @@ class Engine:
                 lane.close()
             self.pool.close()
             raise
-        logger.info("engine ready: pool %d bytes, devices %s, save mode %s", config.pool_bytes,
-                    config.devices or "cpu", config.save_mode)
+        logger.info("engine ready: pool %d bytes, devices %s, save mode %s, queries %s", config.pool_bytes,
+                    config.devices or "cpu", config.save_mode,
+                    "compiled (numba)" if self.index.compiled else "through dicts")
 
     # -- registration -------------------------------------------------------------------
 

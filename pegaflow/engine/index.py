@@ -40,6 +40,7 @@ from itertools import chain, islice, repeat
 
 import numpy as np
 
+from pegaflow.engine import hash_table
 from pegaflow.engine.allocator import SlotAllocator
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class Entry:
     """
 
     __slots__ = ("namespace", "hash", "slot_bytes", "slots", "batch", "written", "in_flight", "full", "pins",
-                 "dead")
+                 "dead", "tid")
 
     def __init__(self, namespace: str, h: bytes, slot_bytes: int, slots: tuple[int, ...], batch: Batch | None,
                  in_flight: int) -> None:
@@ -98,6 +99,7 @@ class Entry:
         self.full = (1 << len(slots)) - 1
         self.pins = 0
         self.dead = False  # removed from the index; slots freed once nothing is in flight
+        self.tid = -1  # its id in the namespace's compiled table, while READY there
 
     @property
     def key(self) -> Key:
@@ -152,6 +154,47 @@ class LoadPlan:
     def offsets(self) -> list[int]:
         r = self.stored_rank
         return [entry.slots[r] for _, entry in self.reads]
+
+
+class TableHits:
+    """A query's hits as ids in a namespace's compiled table, resolved to entries when applied.
+
+    A removed entry's id resolves to None (skipped, as a dropped entry is) until an add
+    reuses it, and the index applies the whole touch log before every add.
+    """
+
+    __slots__ = ("table", "ids")
+
+    def __init__(self, table: hash_table.HashTable, ids: np.ndarray) -> None:
+        self.table = table
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def entries(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        return self.table.objs[self.ids[start:end]]
+
+
+Hits = tuple[Entry, ...] | TableHits
+
+
+def _extends(last: Hits, hits: Hits) -> bool:
+    """Whether ``hits`` starts with every hit of ``last`` (``len(last) <= len(hits)``)."""
+    if type(last) is TableHits:
+        # Bytes compare: ~2 us for 1,000 ids on the dev machine, numpy's array_equal ~3.5.
+        return (type(hits) is TableHits and last.table is hits.table
+                and last.ids.tobytes() == hits.ids[:len(last.ids)].tobytes())
+    if type(hits) is TableHits:
+        return False
+    m = len(last)
+    return last[0] is hits[0] and (last == hits if m == len(hits) else last == hits[:m])
+
+
+def _pending_entries(hits: Hits, start: int, end: int) -> Iterable[Entry]:
+    if type(hits) is TableHits:
+        return hits.entries(start, end)
+    return hits if start == 0 and end == len(hits) else islice(hits, start, end)
 
 
 def split_hashes(blob: bytes, size: int) -> tuple[bytes, ...]:
@@ -216,8 +259,14 @@ def _splitter(size: int, count: int) -> struct.Struct:
 class BlockIndex:
     """The pool's table of contents; owns the slot allocator."""
 
-    def __init__(self, capacity: int, write_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, capacity: int, write_timeout_s: float, clock: Callable[[], float] = time.monotonic,
+                 compiled: bool = True) -> None:
+        """``compiled``: mirror READY entries in numba-compiled tables for queries, if numba works."""
         self.allocator = SlotAllocator(capacity)
+        self.compiled = compiled and hash_table.warm_up()
+        # Per namespace, the compiled mirror of _ready[namespace] (queries of its hash length
+        # read it, not the dict), or None where its hashes do not fit one (mixed lengths).
+        self._tables: dict[str, hash_table.HashTable | None] = {}
         self.write_timeout_s = write_timeout_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -234,9 +283,9 @@ class BlockIndex:
         # from the front, or all at once when nothing is WRITING.
         self._batches: deque[Batch] = deque()
         self._writing = 0  # WRITING entries
-        # Query hits not yet applied to _lru, one tuple per query, oldest first; the first
+        # Query hits not yet applied to _lru, one Hits per query, oldest first; the first
         # _touch_head of the oldest are applied already; _touch_count: those not yet applied.
-        self._touches: deque[tuple[Entry, ...]] = deque()
+        self._touches: deque[Hits] = deque()
         self._touch_head = 0
         self._touch_count = 0
         self._pinned = 0  # entries with pins > 0
@@ -247,12 +296,20 @@ class BlockIndex:
     def query(self, namespace: str, hashes: Sequence[bytes]) -> int:
         """Length of the longest prefix of READY entries; refreshes their LRU places."""
         with self._lock:
+            table = self._tables.get(namespace)
+            if table is not None and hashes:
+                blob = b"".join(hashes)
+                if len(blob) == len(hashes) * table.hash_bytes and set(map(len, hashes)) == {table.hash_bytes}:
+                    return self._query_table(table, blob)
             return self._query(namespace, (tuple(hashes),) if hashes else (), len(hashes))
 
     def query_blob(self, namespace: str, blob: bytes, hash_bytes: int) -> int:
         """:meth:`query` of the ``hash_bytes``-byte hashes back to back in ``blob`` (the wire form)."""
         count = _hash_count(blob, hash_bytes)
         with self._lock:
+            compiled = self._tables.get(namespace)
+            if compiled is not None and compiled.hash_bytes == hash_bytes:
+                return self._query_table(compiled, blob)
             table = self._ready.get(namespace)
             # A miss at once (a new prompt) costs no split.
             if not count or table is None or blob[:hash_bytes] not in table:
@@ -281,14 +338,27 @@ class BlockIndex:
         counters["misses"] += count - n
         return n
 
-    def _log_touches(self, hits: tuple[Entry, ...]) -> None:
+    def _query_table(self, table: hash_table.HashTable, blob: bytes) -> int:
+        """:meth:`_query` through the namespace's compiled table: no Python step per hash."""
+        if self._writing:
+            self._reclaim_expired()  # drops WRITING entries only: the table is unchanged
+        ids = table.lookup(blob)
+        n = len(ids)
+        if n:
+            self._log_touches(TableHits(table, ids))
+        counters = self.counters
+        counters["hits"] += n
+        counters["misses"] += len(blob) // table.hash_bytes - n
+        return n
+
+    def _log_touches(self, hits: Hits) -> None:
         touches = self._touches
         if touches:
             # The previous query's hits all touched again, later and in the same order: its
             # touches change nothing the new ones do not (each entry's last touch decides).
             last = touches[-1]
             m = len(last)
-            if m <= len(hits) and last[0] is hits[0] and (last == hits if m == len(hits) else last == hits[:m]):
+            if m <= len(hits) and _extends(last, hits):
                 touches.pop()
                 if touches:
                     self._touch_count -= m
@@ -329,7 +399,7 @@ class BlockIndex:
         with self._lock:
             order = self._lru.copy()
             for i, hits in enumerate(self._touches):
-                pending = islice(hits, self._touch_head, None) if i == 0 else hits
+                pending = _pending_entries(hits, self._touch_head if i == 0 else 0, len(hits))
                 _drain(map(order.move_to_end, filter(order.__contains__, pending)))
             return [entry.key for entry in order]
 
@@ -443,6 +513,8 @@ class BlockIndex:
                 if not pending:
                     del self._pending[ns]
                 self._ready.setdefault(ns, {}).update(zip(hashes, ready))
+                if self.compiled:
+                    self._mirror_add(ns, hashes, ready)
 
     def drop_namespace(self, namespace: str) -> int:
         """Forget every block of ``namespace`` (vLLM's prefix-cache reset, e.g. after new weights).
@@ -525,19 +597,18 @@ class BlockIndex:
             else:
                 self._touch_head = end
 
-    def _move_to_end(self, hits: tuple[Entry, ...], start: int, end: int) -> None:
+    def _move_to_end(self, hits: Hits, start: int, end: int) -> None:
         lru = self._lru
-        whole = start == 0 and end == len(hits)
         if not self._pinned:
             # Without pins every logged hit is still in the order (unless dropped since: then
             # KeyError, and the filtered pass below; moving the first ones twice is harmless,
             # the second pass leaves them where the first alone would).
             try:
-                _drain(map(lru.move_to_end, hits if whole else islice(hits, start, end)))
+                _drain(map(lru.move_to_end, _pending_entries(hits, start, end)))
                 return
             except KeyError:
                 pass
-        _drain(map(lru.move_to_end, filter(lru.__contains__, hits if whole else islice(hits, start, end))))
+        _drain(map(lru.move_to_end, filter(lru.__contains__, _pending_entries(hits, start, end))))
 
     def _create(
         self, namespace: str, fresh: Sequence[bytes], stored_ranks: int, slot_bytes: int, in_flight: int
@@ -631,8 +702,11 @@ class BlockIndex:
             table = self._ready[namespace]  # LRU entries are READY
             if len(taken) > 1 and set(map(_namespace_of, taken)) == {namespace}:
                 _drain(map(table.__delitem__, map(_hash_of, taken)))
+                if self.compiled:
+                    self._mirror_remove(namespace, taken)
                 if not table:
                     del self._ready[namespace]
+                    self._tables.pop(namespace, None)
                 self._count -= len(taken)
             else:
                 for victim in taken:
@@ -691,6 +765,8 @@ class BlockIndex:
 
     def _put_ready(self, entry: Entry) -> None:
         self._ready.setdefault(entry.namespace, {})[entry.hash] = entry
+        if self.compiled:
+            self._mirror_add(entry.namespace, [entry.hash], [entry])
         self._count += 1
 
     def _pop(self, entry: Entry) -> None:
@@ -698,11 +774,40 @@ class BlockIndex:
         tables = self._pending if writing else self._ready
         table = tables[entry.namespace]
         del table[entry.hash]
+        if not writing and self.compiled:
+            self._mirror_remove(entry.namespace, (entry,))
         if not table:
             del tables[entry.namespace]
+            if not writing:
+                self._tables.pop(entry.namespace, None)
         self._count -= 1
         if writing:
             self._left_writing((entry,))
+
+    def _mirror_add(self, namespace: str, hashes: Sequence[bytes], entries: Sequence[Entry]) -> None:
+        """Add READY entries to the namespace's compiled table (made on its first entry)."""
+        tables = self._tables
+        table = tables.get(namespace, _NO_TABLE)
+        if table is _NO_TABLE:
+            size = len(hashes[0])
+            table = tables[namespace] = hash_table.HashTable(size) if size and size % 8 == 0 else None
+        if table is None:
+            return
+        assert not self._touches, "the touch log is applied before a table reuses ids"
+        try:
+            ids = table.add(hashes, entries)
+        except ValueError:
+            # A hash of another length: this namespace's queries use the dict from now on
+            # (the touch log may still name the table; it keeps the entries it resolves to).
+            tables[namespace] = None
+            return
+        _drain(map(_set_tid, entries, ids.tolist()))
+
+    def _mirror_remove(self, namespace: str, entries: Sequence[Entry]) -> None:
+        """Take READY entries out of the namespace's compiled table, if it has one."""
+        table = self._tables.get(namespace)
+        if table is not None:
+            table.remove(list(map(_tid_of, entries)))
 
     def _release_if_idle(self, entry: Entry) -> None:
         """Free a dead entry's slots once no copy writes or reads them."""
@@ -715,6 +820,13 @@ class BlockIndex:
 def _first(pair: tuple[int, Entry]) -> int:
     return pair[0]
 
+
+def _set_tid(entry: Entry, tid: int) -> None:
+    entry.tid = tid
+
+
+_NO_TABLE = object()
+_tid_of = operator.attrgetter("tid")
 
 _hash_of = operator.attrgetter("hash")
 
