@@ -11,6 +11,10 @@ the previous one's) and for two queries in turn (logged apart: applied at the 64
 (issue 3). Bookkeeping rows: ``prepare_save`` + ``complete_save`` + ``prepare_load`` +
 ``unpin`` of 512 fresh hashes in the same index, median us per step and in all.
 
+Every row is measured twice, taking turns in the same run: with the index's numba-compiled
+query tables (the default when numba imports) and with its dicts alone (``[dicts]``), so the
+table's gain on queries and its cost on saves (keeping the mirror) show side by side.
+
     python bench/index_speed.py --json bench/results/index_speed-cpu.json
 """
 
@@ -63,10 +67,13 @@ def populate(index: BlockIndex, namespace: str, keys: list[bytes]) -> None:
         index.complete_save(plan, True)
 
 
-def bookkeeping(index: BlockIndex, namespace: str, rounds: int, blocks: int = 512) -> dict[str, float]:
-    """Median us of each step of a save then a load of ``blocks`` fresh hashes (plans' offsets
-    included, as the engine asks for them)."""
-    steps: dict[str, list[float]] = {"prepare_save": [], "complete_save": [], "prepare_load": [], "unpin": []}
+STEPS = ("prepare_save", "complete_save", "prepare_load", "unpin")
+
+
+def bookkeeping(index: BlockIndex, namespace: str, rounds: int, steps: dict[str, list[float]],
+                blocks: int = 512) -> None:
+    """Seconds of each step of a save then a load of ``blocks`` fresh hashes (plans' offsets
+    included, as the engine asks for them), appended to ``steps``."""
     for _ in range(rounds):
         hashes = [os.urandom(32) for _ in range(blocks)]
         t0 = time.perf_counter()
@@ -80,8 +87,11 @@ def bookkeeping(index: BlockIndex, namespace: str, rounds: int, blocks: int = 51
         t3 = time.perf_counter()
         index.unpin(load)
         t4 = time.perf_counter()
-        for name, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+        for name, dt in zip(STEPS, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             steps[name].append(dt)
+
+
+def medians(steps: dict[str, list[float]]) -> dict[str, float]:
     out = {name: statistics.median(v) * 1e6 for name, v in steps.items()}
     out["total"] = statistics.median(sum(v) for v in zip(*steps.values())) * 1e6
     return out
@@ -99,21 +109,10 @@ def main() -> None:
     query = keys[::step][:QUERY]  # spread over the LRU order, so every hit moves an entry
 
     spec = InstanceSpec("bench", "m", "bf16", "LBNHC", 16, (SLOT,))
-    engine = Engine(EngineConfig(pool_bytes=args.entries * SLOT))
-    engine.register_instance(spec)
-    populate(engine.index, spec.namespace, keys)
-    assert engine.query("bench", query) == QUERY
-
-    plain = {(spec.namespace, k): k for k in keys}
     ns = spec.namespace
     blob = b"".join(query)
     other_blob = b"".join(keys[step // 2::step][:QUERY])  # none of query's hits: logged apart
-    blobs = [blob, other_blob]
-    index = engine.index
-
-    def blob_and_apply() -> None:
-        index.query_blob(ns, blob, 32)
-        index.apply_touches()
+    plain = {(ns, k): k for k in keys}
 
     def ceiling() -> None:
         get = plain.get
@@ -121,43 +120,70 @@ def main() -> None:
             if get((ns, k)) is None:
                 break
 
-    measured = rates(
-        {
-            "ceiling": ceiling,
-            "blob": blob_and_apply,
-            "blob_reply": lambda: index.query_blob(ns, blob, 32),
-            "blob_reply_two": lambda: index.query_blob(ns, blobs.reverse() or blobs[0], 32),
-            "index": lambda: (engine.index.query(ns, query), index.apply_touches()),
-            "engine": lambda: (engine.query("bench", query), index.apply_touches()),
-        },
-        QUERY,
-        args.seconds,
-    )
-    ceiling_rate, index_rate, engine_rate = measured["ceiling"], measured["index"], measured["engine"]
-    blob_rate, reply_rate, two_rate = measured["blob"], measured["blob_reply"], measured["blob_reply_two"]
-    index.apply_touches()
-    # The pool is full: every save evicts 512 entries, as in a long-running server.
-    books = bookkeeping(index, ns, args.book_rounds)
-    engine.close()
+    fns: dict = {"ceiling": ceiling}
+    engines = {}
+    for variant, compiled in (("", True), (" [dicts]", False)):
+        engine = Engine(EngineConfig(pool_bytes=args.entries * SLOT, compiled_index=compiled))
+        engine.register_instance(spec)
+        populate(engine.index, ns, keys)
+        assert engine.query("bench", query) == QUERY
+        if compiled and not engine.index.compiled:
+            raise SystemExit("numba is not importable here: nothing to compare the dicts with")
+        engines[variant] = engine
+        index = engine.index
+        blobs = [blob, other_blob]
+
+        def blob_and_apply(index=index) -> None:
+            index.query_blob(ns, blob, 32)
+            index.apply_touches()
+
+        fns.update({
+            "blob" + variant: blob_and_apply,
+            "blob_reply" + variant: lambda index=index: index.query_blob(ns, blob, 32),
+            "blob_reply_two" + variant: lambda index=index, blobs=blobs: index.query_blob(
+                ns, blobs.reverse() or blobs[0], 32),
+            "index" + variant: lambda index=index: (index.query(ns, query), index.apply_touches()),
+            "engine" + variant: lambda engine=engine: (engine.query("bench", query), engine.index.apply_touches()),
+        })
+    measured = rates(fns, QUERY, args.seconds * len(engines))
+    # The pool is full: every save evicts 512 entries, as in a long-running server. The two
+    # indexes take turns, a tenth of the rounds at a time.
+    steps = {variant: {name: [] for name in STEPS} for variant in engines}
+    for engine in engines.values():
+        engine.index.apply_touches()
+    for _ in range(10):
+        for variant, engine in engines.items():
+            bookkeeping(engine.index, ns, max(1, args.book_rounds // 10), steps[variant])
+    for engine in engines.values():
+        engine.close()
 
     config = f"{QUERY}-of-{args.entries}"
-    rows = [
-        Row(config, "query", "index.query_blob (+LRU touches applied)", True, blob_rate / 1e6, "Mhash/s",
-            ceiling_rate / 1e6),
-        Row(config, "query", "index.query_blob (touches logged; the same query again replaces them)", True,
-            reply_rate / 1e6, "Mhash/s", ceiling_rate / 1e6),
-        Row(config, "query", "index.query_blob, two queries in turn (touches applied at the 64k bound)", True,
-            two_rate / 1e6, "Mhash/s", ceiling_rate / 1e6),
-        Row(config, "query", "index.query (+LRU)", True, index_rate / 1e6, "Mhash/s", ceiling_rate / 1e6),
-        Row(config, "query", "engine.query (+checks, LRU)", True, engine_rate / 1e6, "Mhash/s", ceiling_rate / 1e6),
-        Row(config, "query", "dict.get loop (ceiling)", False, ceiling_rate / 1e6, "Mhash/s", ceiling_rate / 1e6),
-    ]
     book_config = f"512-fresh-in-{args.entries}"
-    for name, value in books.items():
-        rows.append(Row(book_config, "bookkeeping", f"{name} median us (no ratio)", True, round(value, 1), "us"))
+    ceiling_rate = measured["ceiling"]
+    rows = []
+    for variant in engines:
+        m = {name: measured[name + variant] / 1e6 for name in ("blob", "blob_reply", "blob_reply_two", "index",
+                                                                 "engine")}
+        rows += [
+            Row(config, "query", "index.query_blob (+LRU touches applied)" + variant, True, m["blob"], "Mhash/s",
+                ceiling_rate / 1e6),
+            Row(config, "query", "index.query_blob (touches logged; the same query again replaces them)" + variant,
+                True, m["blob_reply"], "Mhash/s", ceiling_rate / 1e6),
+            Row(config, "query", "index.query_blob, two queries in turn (touches applied at the 64k bound)"
+                + variant, True, m["blob_reply_two"], "Mhash/s", ceiling_rate / 1e6),
+            Row(config, "query", "index.query (+LRU)" + variant, True, m["index"], "Mhash/s", ceiling_rate / 1e6),
+            Row(config, "query", "engine.query (+checks, LRU)" + variant, True, m["engine"], "Mhash/s",
+                ceiling_rate / 1e6),
+        ]
+        books = medians(steps[variant])
+        for name, value in books.items():
+            rows.append(Row(book_config, "bookkeeping", f"{name} median us (no ratio){variant}", True,
+                            round(value, 1), "us"))
+        print(f"target >= 1 Mhash/s{variant or ' [compiled]'}: query_blob {m['blob']:.2f}, index {m['index']:.2f}, "
+              f"engine {m['engine']:.2f}; save+load bookkeeping of 512 blocks {books['total']:.0f} us")
+    rows.append(Row(config, "query", "dict.get loop (ceiling)", False, ceiling_rate / 1e6, "Mhash/s",
+                    ceiling_rate / 1e6))
     print_table(rows)
-    print(f"target >= 1 Mhash/s: query_blob {blob_rate / 1e6:.2f}, index {index_rate / 1e6:.2f}, "
-          f"engine {engine_rate / 1e6:.2f}; save+load bookkeeping of 512 blocks {books['total']:.0f} us")
     write_json(args.json, "index_speed", rows, {"card": cpu_name()})
 
 

@@ -23,8 +23,8 @@ NS = "model@0000"
 def index_kind(request, monkeypatch):
     """Every scenario twice: queries through the compiled tables, and through the dicts alone."""
     if request.param == "dicts":
-        monkeypatch.setattr(index_module.hash_table, "warm_up", lambda: False)
-    elif not index_module.hash_table.warm_up():
+        monkeypatch.setattr(index_module.hash_set, "warm_up", lambda: False)
+    elif not index_module.hash_set.warm_up():
         pytest.skip("numba is not installed: the index has no compiled tables")
     return request.param
 

@@ -8,9 +8,11 @@ least recently used READY entry, never sees it. Eviction happens on demand when 
 room and is atomic: it frees enough for the request or changes nothing.
 
 Queries are the hot path (the scheduler asks for every waiting request, every step), so a
-query does no per-hash Python work: it splits the hashes and looks them up in C (one
-``operator.itemgetter`` call over a dict of the namespace's READY entries) and logs its hits
-as one tuple. The log is applied to the LRU order (a move to the end for each hit still in it,
+query does no per-hash Python work. With numba, the wire blob is probed in place by a
+compiled set that mirrors the keys of the namespace's READY dict (``hash_set.py``), and the
+hits are logged as the blob's prefix (:class:`BlobHits`), looked up in the dict only when
+applied. Without it, the hashes are split and looked up in C (one ``operator.itemgetter``
+call over that dict) and logged as one tuple of entries. The log is applied to the LRU order (a move to the end for each hit still in it,
 in order) before anything reads or changes that order, when it holds more than
 ``TOUCH_LOG_LIMIT`` hits, and when the owner asks (:meth:`BlockIndex.apply_touches`, in slices
 if it likes: the server applies it while no request waits). A query whose hits start with
@@ -40,7 +42,7 @@ from itertools import chain, islice, repeat
 
 import numpy as np
 
-from pegaflow.engine import hash_table
+from pegaflow.engine import hash_set
 from pegaflow.engine.allocator import SlotAllocator
 
 logger = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ class Entry:
     """
 
     __slots__ = ("namespace", "hash", "slot_bytes", "slots", "batch", "written", "in_flight", "full", "pins",
-                 "dead", "tid")
+                 "dead")
 
     def __init__(self, namespace: str, h: bytes, slot_bytes: int, slots: tuple[int, ...], batch: Batch | None,
                  in_flight: int) -> None:
@@ -99,7 +101,6 @@ class Entry:
         self.full = (1 << len(slots)) - 1
         self.pins = 0
         self.dead = False  # removed from the index; slots freed once nothing is in flight
-        self.tid = -1  # its id in the namespace's compiled table, while READY there
 
     @property
     def key(self) -> Key:
@@ -156,43 +157,52 @@ class LoadPlan:
         return [entry.slots[r] for _, entry in self.reads]
 
 
-class TableHits:
-    """A query's hits as ids in a namespace's compiled table, resolved to entries when applied.
+class BlobHits:
+    """A query's hits: the leading ``count`` hashes of its wire blob, looked up in the
+    namespace's READY dict (``table``) only when the LRU refresh is applied, off the reply's
+    path. Nothing is added to an index with touches logged, so a hash found then is the
+    entry the query hit, and one gone since is skipped (as a dropped entry is)."""
 
-    A removed entry's id resolves to None (skipped, as a dropped entry is) until an add
-    reuses it, and the index applies the whole touch log before every add.
-    """
+    __slots__ = ("table", "blob", "hash_bytes", "count")
 
-    __slots__ = ("table", "ids")
-
-    def __init__(self, table: hash_table.HashTable, ids: np.ndarray) -> None:
+    def __init__(self, table: dict[bytes, Entry], blob: bytes, hash_bytes: int, count: int) -> None:
         self.table = table
-        self.ids = ids
+        self.blob = blob
+        self.hash_bytes = hash_bytes
+        self.count = count
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.count
 
-    def entries(self, start: int = 0, end: int | None = None) -> np.ndarray:
-        return self.table.objs[self.ids[start:end]]
+    def prefix(self) -> bytes:
+        """The hits' bytes of the blob."""
+        size = self.count * self.hash_bytes
+        return self.blob if size == len(self.blob) else self.blob[:size]
+
+    def entries(self, start: int = 0, end: int | None = None) -> Iterator[Entry | None]:
+        end = self.count if end is None else end
+        size = self.hash_bytes
+        return map(self.table.get, _iter_hashes(self.blob[start * size:end * size], size, end - start))
 
 
-Hits = tuple[Entry, ...] | TableHits
+Hits = tuple[Entry, ...] | BlobHits
 
 
 def _extends(last: Hits, hits: Hits) -> bool:
     """Whether ``hits`` starts with every hit of ``last`` (``len(last) <= len(hits)``)."""
-    if type(last) is TableHits:
-        # Bytes compare: ~2 us for 1,000 ids on the dev machine, numpy's array_equal ~3.5.
-        return (type(hits) is TableHits and last.table is hits.table
-                and last.ids.tobytes() == hits.ids[:len(last.ids)].tobytes())
-    if type(hits) is TableHits:
-        return False
+    if type(last) is BlobHits and type(hits) is BlobHits:
+        return (last.table is hits.table and last.hash_bytes == hits.hash_bytes
+                and hits.blob.startswith(last.prefix()))
+    if type(last) is BlobHits:  # a list query after a blob query, or the other way round
+        last = tuple(last.entries())
+    if type(hits) is BlobHits:
+        hits = tuple(hits.entries())
     m = len(last)
     return last[0] is hits[0] and (last == hits if m == len(hits) else last == hits[:m])
 
 
 def _pending_entries(hits: Hits, start: int, end: int) -> Iterable[Entry]:
-    if type(hits) is TableHits:
+    if type(hits) is BlobHits:
         return hits.entries(start, end)
     return hits if start == 0 and end == len(hits) else islice(hits, start, end)
 
@@ -261,12 +271,12 @@ class BlockIndex:
 
     def __init__(self, capacity: int, write_timeout_s: float, clock: Callable[[], float] = time.monotonic,
                  compiled: bool = True) -> None:
-        """``compiled``: mirror READY entries in numba-compiled tables for queries, if numba works."""
+        """``compiled``: mirror READY hashes in numba-compiled sets for queries, if numba works."""
         self.allocator = SlotAllocator(capacity)
-        self.compiled = compiled and hash_table.warm_up()
-        # Per namespace, the compiled mirror of _ready[namespace] (queries of its hash length
+        self.compiled = compiled and hash_set.warm_up()
+        # Per namespace, the compiled mirror of _ready[namespace]'s keys (queries of its hash length
         # read it, not the dict), or None where its hashes do not fit one (mixed lengths).
-        self._tables: dict[str, hash_table.HashTable | None] = {}
+        self._sets: dict[str, hash_set.HashSet | None] = {}
         self.write_timeout_s = write_timeout_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -295,21 +305,18 @@ class BlockIndex:
 
     def query(self, namespace: str, hashes: Sequence[bytes]) -> int:
         """Length of the longest prefix of READY entries; refreshes their LRU places."""
+        # The dicts, not the compiled set: these are bytes objects already, whose hashes
+        # Python may have cached (the engine's own callers ask again with the same objects).
         with self._lock:
-            table = self._tables.get(namespace)
-            if table is not None and hashes:
-                blob = b"".join(hashes)
-                if len(blob) == len(hashes) * table.hash_bytes and set(map(len, hashes)) == {table.hash_bytes}:
-                    return self._query_table(table, blob)
             return self._query(namespace, (tuple(hashes),) if hashes else (), len(hashes))
 
     def query_blob(self, namespace: str, blob: bytes, hash_bytes: int) -> int:
         """:meth:`query` of the ``hash_bytes``-byte hashes back to back in ``blob`` (the wire form)."""
         count = _hash_count(blob, hash_bytes)
         with self._lock:
-            compiled = self._tables.get(namespace)
+            compiled = self._sets.get(namespace)
             if compiled is not None and compiled.hash_bytes == hash_bytes:
-                return self._query_table(compiled, blob)
+                return self._query_set(namespace, compiled, blob)
             table = self._ready.get(namespace)
             # A miss at once (a new prompt) costs no split.
             if not count or table is None or blob[:hash_bytes] not in table:
@@ -338,17 +345,16 @@ class BlockIndex:
         counters["misses"] += count - n
         return n
 
-    def _query_table(self, table: hash_table.HashTable, blob: bytes) -> int:
-        """:meth:`_query` through the namespace's compiled table: no Python step per hash."""
+    def _query_set(self, namespace: str, held: hash_set.HashSet, blob: bytes) -> int:
+        """:meth:`_query` through the namespace's compiled set: no Python step per hash."""
         if self._writing:
-            self._reclaim_expired()  # drops WRITING entries only: the table is unchanged
-        ids = table.lookup(blob)
-        n = len(ids)
+            self._reclaim_expired()  # drops WRITING entries only: the set is unchanged
+        n = held.prefix(blob)
         if n:
-            self._log_touches(TableHits(table, ids))
+            self._log_touches(BlobHits(self._ready[namespace], bytes(blob), held.hash_bytes, n))
         counters = self.counters
         counters["hits"] += n
-        counters["misses"] += len(blob) // table.hash_bytes - n
+        counters["misses"] += len(blob) // held.hash_bytes - n
         return n
 
     def _log_touches(self, hits: Hits) -> None:
@@ -514,7 +520,7 @@ class BlockIndex:
                     del self._pending[ns]
                 self._ready.setdefault(ns, {}).update(zip(hashes, ready))
                 if self.compiled:
-                    self._mirror_add(ns, hashes, ready)
+                    self._mirror_add(ns, hashes)
 
     def drop_namespace(self, namespace: str) -> int:
         """Forget every block of ``namespace`` (vLLM's prefix-cache reset, e.g. after new weights).
@@ -706,7 +712,7 @@ class BlockIndex:
                     self._mirror_remove(namespace, taken)
                 if not table:
                     del self._ready[namespace]
-                    self._tables.pop(namespace, None)
+                    self._sets.pop(namespace, None)
                 self._count -= len(taken)
             else:
                 for victim in taken:
@@ -766,7 +772,7 @@ class BlockIndex:
     def _put_ready(self, entry: Entry) -> None:
         self._ready.setdefault(entry.namespace, {})[entry.hash] = entry
         if self.compiled:
-            self._mirror_add(entry.namespace, [entry.hash], [entry])
+            self._mirror_add(entry.namespace, [entry.hash])
         self._count += 1
 
     def _pop(self, entry: Entry) -> None:
@@ -779,35 +785,32 @@ class BlockIndex:
         if not table:
             del tables[entry.namespace]
             if not writing:
-                self._tables.pop(entry.namespace, None)
+                self._sets.pop(entry.namespace, None)
         self._count -= 1
         if writing:
             self._left_writing((entry,))
 
-    def _mirror_add(self, namespace: str, hashes: Sequence[bytes], entries: Sequence[Entry]) -> None:
-        """Add READY entries to the namespace's compiled table (made on its first entry)."""
-        tables = self._tables
-        table = tables.get(namespace, _NO_TABLE)
-        if table is _NO_TABLE:
+    def _mirror_add(self, namespace: str, hashes: Sequence[bytes]) -> None:
+        """Add READY hashes to the namespace's compiled set (made on its first hash)."""
+        sets = self._sets
+        held = sets.get(namespace, _NO_SET)
+        if held is _NO_SET:
             size = len(hashes[0])
-            table = tables[namespace] = hash_table.HashTable(size) if size and size % 8 == 0 else None
-        if table is None:
+            held = sets[namespace] = hash_set.HashSet(size) if size and size % 8 == 0 else None
+        if held is None:
             return
-        assert not self._touches, "the touch log is applied before a table reuses ids"
+        assert not self._touches, "the touch log is applied before anything is added"
         try:
-            ids = table.add(hashes, entries)
+            held.add(hashes)
         except ValueError:
-            # A hash of another length: this namespace's queries use the dict from now on
-            # (the touch log may still name the table; it keeps the entries it resolves to).
-            tables[namespace] = None
-            return
-        _drain(map(_set_tid, entries, ids.tolist()))
+            # A hash of another length: this namespace's queries use the dict from now on.
+            sets[namespace] = None
 
     def _mirror_remove(self, namespace: str, entries: Sequence[Entry]) -> None:
-        """Take READY entries out of the namespace's compiled table, if it has one."""
-        table = self._tables.get(namespace)
-        if table is not None:
-            table.remove(list(map(_tid_of, entries)))
+        """Take READY entries' hashes out of the namespace's compiled set, if it has one."""
+        held = self._sets.get(namespace)
+        if held is not None:
+            held.remove(list(map(_hash_of, entries)))
 
     def _release_if_idle(self, entry: Entry) -> None:
         """Free a dead entry's slots once no copy writes or reads them."""
@@ -821,12 +824,7 @@ def _first(pair: tuple[int, Entry]) -> int:
     return pair[0]
 
 
-def _set_tid(entry: Entry, tid: int) -> None:
-    entry.tid = tid
-
-
-_NO_TABLE = object()
-_tid_of = operator.attrgetter("tid")
+_NO_SET = object()
 
 _hash_of = operator.attrgetter("hash")
 
