@@ -240,11 +240,19 @@ def warm_up() -> bool:
     if not AVAILABLE:
         return False
     try:
-        held = [b"abcdefgh", bytes(8), b"ijklmnop"]
+        # Each function is compiled per argument type, and numpy arrays read from ``bytes``
+        # are read-only while filtered copies and a bytearray's are not: both kinds are
+        # exercised here, so that no save, eviction or query compiles on the way.
+        held = [b"abcdefgh", b"ijklmnop"]
         table = HashSet(8)
-        table.add(held)
-        assert table.prefix(b"".join(held) + b"qrstuvwx") == 3
+        table.add(held)  # read-only rows in
+        table.add([bytes(8), b"qrstuvwx"])  # the zero hash filtered out: a writable copy
+        table.add([i.to_bytes(8, "little") for i in range(1, 2 * _MIN_ROWS)])  # grows
+        blob = b"".join(held) + bytes(8) + b"qrstuvwx" + b"yzabcdef"
+        assert table.prefix(blob) == table.prefix(bytearray(blob)) == 4
         table.remove(held)
+        table.remove([bytes(8), b"qrstuvwx"])
+        table.remove([i.to_bytes(8, "little") for i in range(1, 2 * _MIN_ROWS)])
         assert len(table) == 0 and table.prefix(held[0]) == 0
         return True
     except Exception:  # a broken numba install must not take the index down with it
