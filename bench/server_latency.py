@@ -1,7 +1,9 @@
 """Round trips to a real PegaFlow server (CPU mode) over IPC and TCP, against a bare ZMQ echo.
 
 For each transport and operation: health, query of 1,000 hashes (all held, and the first one
-missing), the same two queries as prebuilt frames on a bare DEALER (``-raw``: the server's share
+missing) from a list of hashes (``client.query``), the held one from hashes already joined
+(``-blob``: ``client.query_blob``, the form the connector keeps per request and sends), the
+same two queries as prebuilt frames on a bare DEALER (``-raw``: the server's share
 alone, without the client's encode and decode), save of one block and load of one block (send
 to completion). Each is timed from the client's call to its answer; the ceiling is a bare
 pyzmq ROUTER (another process) echoing the very bytes of that request to a DEALER, measured in
@@ -123,7 +125,7 @@ def main() -> None:
     ipc = extra["results"]["ipc"]["query-hit"]
     print(f"\nquery of {QUERY_HASHES} held hashes over IPC: p50 {ipc['p50_x_echo']:.2f}x the echo's "
           f"(target <= {TARGET_P50}), p99 {ipc['p99_x_echo']:.2f}x (target <= {TARGET_P99})")
-    for name in ("query-miss", "query-hit-raw", "query-miss-raw"):
+    for name in ("query-hit-blob", "query-miss", "query-hit-raw", "query-miss-raw"):
         row = extra["results"]["ipc"][name]
         print(f"{name} over IPC: p50 {row['p50_x_echo']:.2f}x the echo's, p99 {row['p99_x_echo']:.2f}x")
     write_json(args.json, "server_latency", rows, extra)
@@ -176,6 +178,7 @@ def measure(transport: str, endpoint: str, echo_endpoint: str, rounds: int, per_
                       packed({"op": "query", "instance_id": instance, "hashes": blob, "hash_bytes": 32})),
         "query-miss": (lambda: client.query(instance, missing),
                        packed({"op": "query", "instance_id": instance, "hashes": blob, "hash_bytes": 32})),
+        "query-hit-blob": (lambda: client.query_blob(instance, blob, 32), hit_frame),
         "query-hit-raw": (lambda: raw.round_trip(hit_frame), hit_frame),
         "query-miss-raw": (lambda: raw.round_trip(miss_frame), miss_frame),
         "save-1-block": (save_one, packed({"op": "save", "instance_id": instance, "rank": 0, "job_id": 5,

@@ -207,6 +207,15 @@ class PegaClient:
         blob, size = _hash_blob(hashes)
         return self._call({"op": "query", "instance_id": instance_id, "hashes": blob, "hash_bytes": size})["hits"]
 
+    def query_blob(self, instance_id: str, blob: bytes, hash_bytes: int) -> int:
+        """:meth:`query` of hashes already joined back to back, ``hash_bytes`` each (the wire
+        form): for callers that keep them so, it skips the join (~14 us for 1,000 hashes)."""
+        if not isinstance(blob, (bytes, bytearray)):
+            raise ValueError(f"blob must be bytes, not {type(blob).__name__}")
+        if type(hash_bytes) is not int or hash_bytes <= 0 or len(blob) % hash_bytes:
+            raise ValueError(f"{len(blob)} bytes are not a whole number of hashes of {hash_bytes!r} bytes")
+        return self._call({"op": "query", "instance_id": instance_id, "hashes": blob, "hash_bytes": hash_bytes})["hits"]
+
     def save(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
              hashes: Sequence[bytes], event: Any = None) -> None:
         """Start saving blocks; returns once accepted. ``event``: an interprocess CUDA event

@@ -136,6 +136,12 @@ def test_client_checks_hashes_before_sending():
     client = PegaClient("ipc:///tmp/pf-unused.sock", timeout_s=0.1, heartbeat=False)
     with pytest.raises(ValueError, match="one length"):
         client.query("i", [os.urandom(32), os.urandom(16)])
+    with pytest.raises(ValueError, match="whole number"):
+        client.query_blob("i", os.urandom(48), 32)
+    with pytest.raises(ValueError, match="whole number"):
+        client.query_blob("i", os.urandom(32), 0)
+    with pytest.raises(ValueError, match="must be bytes"):
+        client.query_blob("i", hashes(2), 32)
     with pytest.raises(ValueError, match="3 hashes for 2"):
         client.load("i", 0, 1, [1, 2], hashes(3))
     client.close()

@@ -172,6 +172,9 @@ class FakeClient:
         self.queries.append(list(hashes))
         return self.held
 
+    def query_blob(self, instance_id, blob, hash_bytes):
+        return self.query(instance_id, [blob[i : i + hash_bytes] for i in range(0, len(blob), hash_bytes)])
+
     def close(self):
         pass
 
@@ -236,6 +239,23 @@ def test_lookup_never_claims_the_last_token_and_skips_local_hit():
     assert sched.get_num_new_matched_tokens(req, 4) == (8, True)  # blocks 1 and 2
     assert client.queries[-1] == req.block_hashes[1:3]
     assert sched.get_num_new_matched_tokens(req, 12) == (0, False)  # nothing left to ask
+
+
+def test_lookups_send_the_requests_current_hashes_as_it_grows():
+    sched, client, _ = make_scheduler(held=1)
+    req = make_request("g", 4 * BS + 1)
+    assert sched.get_num_new_matched_tokens(req, BS) == (BS, True)
+    assert client.queries[-1] == req.block_hashes[1:4]
+    req.block_hashes += [os.urandom(32) for _ in range(3)]  # vLLM appends as blocks fill
+    req.num_tokens += 3 * BS
+    sched.get_num_new_matched_tokens(req, 0)
+    assert client.queries[-1] == req.block_hashes[:7]
+    req.block_hashes[:] = [os.urandom(32) for _ in range(7)]  # not the list the blob came from
+    sched.get_num_new_matched_tokens(req, 0)
+    assert client.queries[-1] == req.block_hashes[:7]
+    req.block_hashes[:] = [os.urandom(32) for _ in range(6)] + [os.urandom(16)]  # mixed lengths
+    sched.get_num_new_matched_tokens(req, 0)
+    assert client.queries[-1] == req.block_hashes[:7]
 
 
 def test_lookup_is_a_miss_while_the_server_is_down():

@@ -61,6 +61,7 @@ def test_save_load_round_trip_is_bit_exact_and_leaves_other_blocks_alone(client)
     assert done.ok and done.kind == "save" and done.num_blocks == 4 and done.nbytes == 4 * 2 * cache.page
     assert client.query(cache.instance_id, hs) == 4
     assert client.query(cache.instance_id, hs[:2] + hashes(1) + hs[2:]) == 2  # a prefix, not a count
+    assert client.query_blob(cache.instance_id, b"".join(hs[:3] + hashes(1) + hs[3:]), 32) == 3
 
     fresh = cache.refill()  # the worker reuses its blocks: new random data everywhere
     dst = [0, 3, 9, 2]
@@ -138,6 +139,7 @@ def test_transfer_errors_are_checked_before_any_copy(client, raw):
         (lambda: client.load(iid, 0, 1, [0, 1 << 30], hashes(2)), P.OUT_OF_RANGE),
         (lambda: client.save(iid, 0, 1, [1, 2], hashes(2, size=16)), P.BAD_HASH),
         (lambda: client.query(iid, hashes(2, size=16)), P.BAD_HASH),
+        (lambda: client.query_blob(iid, b"".join(hashes(2, size=16)), 16), P.BAD_HASH),
         (lambda: client.load(iid, 0, 1, [3, 3], hashes(2)), P.BAD_FIELD),
         (lambda: client.save("nope", 0, 1, [1], hashes(1)), P.UNKNOWN_INSTANCE),
         (lambda: client.query("nope", hashes(1)), P.UNKNOWN_INSTANCE),

@@ -65,6 +65,10 @@ class RequestTracker:
     saved_blocks: int = 0
     cursor_pending: bool = False  # set the save cursor from the first scheduled step
     preemptions_seen: int = 0
+    # The request's block hashes joined back to back (how a query sends them), and how many
+    # are in it: a waiting request is looked up every step, so they are joined once.
+    hash_blob: bytes = b""
+    hashes_joined: int = 0
 
     def _on(self, event: str) -> None:
         """Apply ``event``; a ValueError names the state if vLLM's call order breaks ours."""
