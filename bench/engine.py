@@ -201,6 +201,8 @@ def main() -> None:
                         help="save modes to measure (dma: saves by the copy engines alone, loads staged)")
     parser.add_argument("--sweep", default="4,8,16,32,64,128", help="staging MiB to sweep ('' to skip)")
     parser.add_argument("--sweep-configs", default="llama3-8b,llama3-70b-tp8")
+    parser.add_argument("--index", choices=("compiled", "dicts"), default="compiled",
+                        help="the index's queries through numba-compiled sets (when numba imports) or dicts")
     args = parser.parse_args()
     if not CUDA:
         log("no CUDA device: a tiny smoke run through the CPU engine; it measures NOTHING")
@@ -219,7 +221,9 @@ def main() -> None:
     )
     t0 = time.perf_counter()
     devices = (0,) if CUDA else ()
-    engine = Engine(EngineConfig(pool_bytes=pool_bytes, devices=devices, pin_threads=os.cpu_count() or 1))
+    engine = Engine(EngineConfig(pool_bytes=pool_bytes, devices=devices, pin_threads=os.cpu_count() or 1,
+                                 compiled_index=args.index == "compiled"))
+    log(f"index: {'compiled (numba)' if engine.index.compiled else 'dicts'}")
     log(f"engine pool {pool_bytes / GIB:.1f} GiB pinned in {time.perf_counter() - t0:.1f} s ({engine.pool.timings})")
     ceilings = Ceilings(transfer_max) if CUDA else None
     cases = [Case(engine, n, args.blocks, int(args.cache_gib * GIB), seed=i) for i, n in enumerate(names)]
@@ -278,7 +282,8 @@ def main() -> None:
     print_table(rows)
     for label, diag in DIAGNOSTICS.items():
         log(f"{label}: {diag}")
-    write_json(args.json, "engine", rows, {"stats": {k: v for k, v in engine.stats().items()},
+    write_json(args.json, "engine", rows, {"index": "compiled" if engine.index.compiled else "dicts",
+                                           "stats": {k: v for k, v in engine.stats().items()},
                                            "burst_diagnostics": DIAGNOSTICS})
 
 

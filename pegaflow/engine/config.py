@@ -49,7 +49,7 @@ class EngineConfig:
     write_timeout_s: float = 30.0
     save_mode: str = "staged"
     pin_threads: int = DEFAULT_PIN_THREADS
-    # Queries through numba-compiled hash tables (when numba imports), not per-hash dict lookups.
+    # Queries through numba-compiled hash sets (when numba imports), not per-hash dict lookups.
     compiled_index: bool = True
 
     def __post_init__(self) -> None:
