@@ -40,8 +40,6 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from itertools import chain, islice, repeat
 
-import numpy as np
-
 from pegaflow.engine import hash_set
 from pegaflow.engine.allocator import SlotAllocator
 
@@ -86,8 +84,8 @@ class Entry:
     Identity is the object: a key dropped and saved again is a new entry.
     """
 
-    __slots__ = ("namespace", "hash", "slot_bytes", "slots", "batch", "written", "in_flight", "full", "pins",
-                 "dead")
+    __slots__ = ("namespace", "hash", "slot_bytes", "slots", "nbytes", "batch", "written", "in_flight", "full",
+                 "pins", "dead")
 
     def __init__(self, namespace: str, h: bytes, slot_bytes: int, slots: tuple[int, ...], batch: Batch | None,
                  in_flight: int) -> None:
@@ -95,6 +93,7 @@ class Entry:
         self.hash = h
         self.slot_bytes = slot_bytes
         self.slots = slots  # byte offset of each stored rank's slot in the pool; () once freed
+        self.nbytes = slot_bytes * len(slots)  # the bytes its slots hold (as made; kept once freed)
         self.batch = batch  # the save that created it (its creation time)
         self.written = 0
         self.in_flight = in_flight
@@ -698,9 +697,9 @@ class BlockIndex:
         batch: list[Entry] = []
         while lru and shortfall > 0:
             oldest = next(iter(lru))
-            size = oldest.slot_bytes * len(oldest.slots)
+            size = oldest.nbytes
             taken = list(islice(lru, min(len(lru), -(-shortfall // size))))
-            sizes = set(map(operator.mul, map(_slot_bytes_of, taken), map(len, map(_slots_of, taken))))
+            sizes = set(map(_nbytes_of, taken))
             if len(taken) > 1 and sizes != {size}:
                 taken = [oldest]
             _drain(map(lru.__delitem__, taken))
@@ -832,20 +831,29 @@ _hash_of = operator.attrgetter("hash")
 _namespace_of = operator.attrgetter("namespace")
 _slots_of = operator.attrgetter("slots")
 _slot_bytes_of = operator.attrgetter("slot_bytes")
+_nbytes_of = operator.attrgetter("nbytes")
 
 
 def _merged_runs(entries: list[Entry]) -> list[tuple[int, int]]:
     """The entries' slots as sorted (offset, nbytes) runs, adjacent slots merged."""
-    if len(entries) > 32:
-        sizes = set(map(_slot_bytes_of, entries))
-        if len(sizes) == 1:  # one slot size (the common case): sorted and merged by numpy
-            size = sizes.pop()
-            offsets = np.fromiter(chain.from_iterable(map(_slots_of, entries)), dtype=np.int64)
-            offsets.sort()
-            cuts = np.flatnonzero(np.diff(offsets) != size) + 1
-            starts = np.concatenate(([0], cuts))
-            counts = np.diff(np.concatenate((starts, [offsets.size])))
-            return list(zip(offsets[starts].tolist(), (counts * size).tolist()))
+    sizes = set(map(_slot_bytes_of, entries))
+    if len(sizes) == 1:
+        # One slot size (the common case): sorted as plain ints and merged in one pass. On
+        # the dev machine, 512 evicted entries: ~75 us, against ~170-190 through numpy (whose
+        # fromiter over the entries' slot tuples alone took ~90).
+        size = sizes.pop()
+        offsets = sorted(chain.from_iterable(map(_slots_of, entries)))
+        if not offsets:
+            return []
+        runs = []
+        start = end = offsets[0]
+        for offset in offsets:
+            if offset != end:
+                runs.append((start, end - start))
+                start = offset
+            end = offset + size
+        runs.append((start, end - start))
+        return runs
     spans = sorted((offset, entry.slot_bytes) for entry in entries for offset in entry.slots)
     runs: list[tuple[int, int]] = []
     for offset, nbytes in spans:
