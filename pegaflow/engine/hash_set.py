@@ -54,9 +54,10 @@ def _home(word, shift):
 
 
 @_jit_inline
-def _empty(rows, j):
-    for w in range(rows.shape[1]):
-        if rows[j, w] != 0:
+def _empty(matrix, i):
+    """Row ``i`` is all zero: an empty row of the set, or the zero hash among queried ones."""
+    for w in range(matrix.shape[1]):
+        if matrix[i, w] != 0:
             return False
     return True
 
@@ -65,14 +66,6 @@ def _empty(rows, j):
 def _same(rows, j, hashes, i):
     for w in range(rows.shape[1]):
         if rows[j, w] != hashes[i, w]:
-            return False
-    return True
-
-
-@_jit_inline
-def _zero(hashes, i):
-    for w in range(hashes.shape[1]):
-        if hashes[i, w] != 0:
             return False
     return True
 
@@ -106,7 +99,7 @@ def _find(rows, hashes, i, shift, mask):
 def _prefix(rows, hashes, has_zero, shift, mask):
     """How many leading ``hashes`` are held."""
     for i in range(hashes.shape[0]):
-        if _zero(hashes, i):
+        if _empty(hashes, i):
             if not has_zero:
                 return i
         elif _find(rows, hashes, i, shift, mask) < 0:
