@@ -360,7 +360,9 @@ def _joined_hashes(tracker: RequestTracker, hashes: Sequence[bytes]) -> int | No
         return None
     size = len(hashes[0])
     if n > len(hashes) or (n and tracker.hash_blob[(n - 1) * size :] != hashes[n - 1]):
-        n = 0  # not the list the blob was joined from: start again
+        # Not the list the blob was joined from: start again. The last hash is enough to
+        # tell, as vLLM chains them (a different earlier hash changes every later one).
+        n = 0
         tracker.hash_blob = b""
     if len(hashes) > n:
         tracker.hash_blob += b"".join(hashes[n:])
