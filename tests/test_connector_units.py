@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from pegaflow.connector.config import ENV_ENDPOINT, ENV_INSTANCE_ID, ConnectorSettings
-from pegaflow.connector.link import BackoffGate, EngineLink, LinkUnavailable
+from pegaflow.connector.link import INVALID_REQUEST, BackoffGate, EngineLink, LinkRejected, LinkUnavailable
 from pegaflow.connector.metadata import LoadJob, PegaWorkerMetadata, SaveJob
 from pegaflow.connector.scheduler_side import ConnectorScheduler
 from pegaflow.connector.tracker import RequestState, RequestTracker
@@ -256,6 +256,23 @@ def test_lookups_send_the_requests_current_hashes_as_it_grows():
     req.block_hashes[:] = [os.urandom(32) for _ in range(6)] + [os.urandom(16)]  # mixed lengths
     sched.get_num_new_matched_tokens(req, 0)
     assert client.queries[-1] == req.block_hashes[:7]
+
+
+def test_arguments_the_client_refuses_are_a_rejection_not_an_outage():
+    sched, client, _ = make_scheduler(held=2)
+
+    def refuse(instance_id, hashes):
+        raise ValueError("hashes must all have one length")
+
+    client.query = refuse
+    req = make_request("m", 3 * BS + 1)
+    req.block_hashes[1] = req.block_hashes[1][:16]  # mixed lengths: the list path, refused
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    assert sched.counters["lookup_errors"] == 1
+    assert sched.link.available()  # the server was never asked: no back-off
+    with pytest.raises(LinkRejected) as info:
+        sched.link.call("query", "i", [b"x"])
+    assert info.value.code == INVALID_REQUEST and "one length" in str(info.value)
 
 
 def test_lookup_is_a_miss_while_the_server_is_down():

@@ -34,6 +34,8 @@ class LinkRejected(Exception):
 # Codes by which the server says our KV cache registration is gone (it restarted, or expired
 # our session): the worker registers again before its next transfer.
 REGISTRATION_LOST = frozenset({"no_session", "not_registered", "unknown_instance"})
+# The code of a request the client refused to send (its arguments failed its checks).
+INVALID_REQUEST = "invalid_request"
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,10 @@ class EngineLink:
             # A live server said no: not an outage, but the caller must not count it a success.
             self.gate.succeeded()
             raise LinkRejected(str(getattr(exc, "code", "error")), str(getattr(exc, "message", exc))) from exc
+        except (ValueError, TypeError) as exc:
+            # The client refused our arguments before sending anything (hashes of mixed
+            # lengths, say): the server is not down, so the gate stays as it is.
+            raise LinkRejected(INVALID_REQUEST, f"{method}: {exc}") from exc
         except Exception as exc:  # any failure of a best-effort cache is a miss, never a crash
             # The client keeps its session and replaces its socket by itself: keep it (closing
             # it would end the session, and with it the server's hold on our registration).
