@@ -12,8 +12,8 @@ the previous one's) and for two queries in turn (logged apart: applied at the 64
 ``unpin`` of 512 fresh hashes in the same index, median us per step and in all.
 
 Every row is measured twice, taking turns in the same run: with the index's numba-compiled
-query tables (the default when numba imports) and with its dicts alone (``[dicts]``), so the
-table's gain on queries and its cost on saves (keeping the mirror) show side by side.
+hash sets (the default when numba imports) and with its dicts alone (``[dicts]``), so the
+sets' gain on queries and their cost on saves (keeping the mirror) show side by side.
 
     python bench/index_speed.py --json bench/results/index_speed-cpu.json
 """

@@ -174,8 +174,7 @@ def measure(transport: str, endpoint: str, echo_endpoint: str, rounds: int, per_
     assert msgpack.unpackb(raw.round_trip(hit_frame))["hits"] == QUERY_HASHES
     ops: dict[str, tuple[Callable[[], None], bytes]] = {
         "health": (client.health, packed({"op": "health"})),
-        "query-hit": (lambda: client.query(instance, held),
-                      packed({"op": "query", "instance_id": instance, "hashes": blob, "hash_bytes": 32})),
+        "query-hit": (lambda: client.query(instance, held), hit_frame),
         "query-miss": (lambda: client.query(instance, missing),
                        packed({"op": "query", "instance_id": instance, "hashes": blob, "hash_bytes": 32})),
         "query-hit-blob": (lambda: client.query_blob(instance, blob, 32), hit_frame),

@@ -21,11 +21,11 @@ NS = "model@0000"
 
 @pytest.fixture(autouse=True, params=["compiled", "dicts"])
 def index_kind(request, monkeypatch):
-    """Every scenario twice: queries through the compiled tables, and through the dicts alone."""
+    """Every scenario twice: queries through the compiled hash sets, and through the dicts alone."""
     if request.param == "dicts":
         monkeypatch.setattr(index_module.hash_set, "warm_up", lambda: False)
     elif not index_module.hash_set.warm_up():
-        pytest.skip("numba is not installed: the index has no compiled tables")
+        pytest.skip("numba is not installed: the index has no compiled hash sets")
     return request.param
 
 
