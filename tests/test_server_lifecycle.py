@@ -13,6 +13,7 @@ import textwrap
 import urllib.request
 
 import pytest
+import torch
 
 from pegaflow.client import PegaClient
 from pegaflow.server.spawn import ServerProcess, kill_quietly
@@ -186,3 +187,44 @@ def test_status_command(server):
     dead = subprocess.run([sys.executable, "-m", "pegaflow.cli", "status", "--endpoint", "ipc:///tmp/pf-none.sock",
                            "--timeout", "0.3"], capture_output=True, text=True, timeout=60)
     assert dead.returncode == 1 and "cannot reach" in dead.stderr
+
+
+@pytest.mark.parametrize("spin_us", ["0", "10000"])
+def test_a_server_that_sleeps_or_spins_long_serves_every_request(spin_us):
+    """--spin-us 0 (the loop always blocks in its receive) and the longest window both answer
+    queries, saves and loads bit for bit: the busy poll only decides how the loop waits."""
+    server = ServerProcess("--spin-us", spin_us, pool_size="8mb")
+    try:
+        with PegaClient(server.ipc, timeout_s=10.0) as client:
+            cache = new_instance(client, num_blocks=16, page=1024)
+            register(client, cache)
+            held = hashes(8)
+            saved = cache.backing[:, :8].clone()
+            client.save(cache.instance_id, 0, 1, list(range(8)), held)
+            assert wait_completion(client, 1).ok
+            assert client.query(cache.instance_id, held + hashes(1)) == 8
+            cache.refill()
+            untouched = cache.backing[:, 8:].clone()
+            client.load(cache.instance_id, 0, 2, list(range(8)), held)
+            assert wait_completion(client, 2).ok
+            assert torch.equal(cache.backing[:, :8].view(torch.uint8), saved.view(torch.uint8))
+            assert torch.equal(cache.backing[:, 8:], untouched)
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.mark.parametrize("value", ["-1", "10001", "nan"])
+def test_spin_us_out_of_range_is_refused(value):
+    from pegaflow.server.__main__ import main
+
+    with pytest.raises(SystemExit, match="--spin-us must be in"):
+        main(["--device", "cpu", "--pool-size", "1mb", "--spin-us", value])
+
+
+def test_loop_config_refuses_a_spin_window_out_of_range():
+    from pegaflow.server.loop import MAX_SPIN_S, LoopConfig
+
+    assert LoopConfig(endpoint="ipc:///tmp/x.sock", tcp=None, spin_s=MAX_SPIN_S).spin_s == MAX_SPIN_S
+    for bad in (-1e-6, MAX_SPIN_S * 2, float("nan")):
+        with pytest.raises(ValueError, match="spin_s"):
+            LoopConfig(endpoint="ipc:///tmp/x.sock", tcp=None, spin_s=bad)

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--switch-interval", type=float, default=0.0005,
                         help="seconds a Python thread may hold the GIL while another waits (sys.setswitchinterval; "
                         "Python's default is 0.005): short keeps request latency's tail short")
+    parser.add_argument("--spin-us", type=float, default=200.0,
+                        help="after each message, while no transfer is in flight, microseconds the server "
+                        "busy-polls its socket before it sleeps: a request that follows within them is read "
+                        "at once (1,000-hash queries ~25%% faster on the dev machine); costs that much CPU "
+                        "per message; 0 = always sleep")
     parser.add_argument("--write-timeout", type=float, default=30.0,
                         help="seconds after which a block that some ranks never finished saving is reclaimed")
     return parser
@@ -107,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     devices, cpu_reason = _devices(args.device)
     pool_text = args.pool_size or (DEFAULT_POOL_CPU if cpu_reason else DEFAULT_POOL_GPU)
     try:
+        if not 0 <= args.spin_us <= 10_000:
+            raise ValueError(f"--spin-us must be in [0, 10000] microseconds, got {args.spin_us}")
         if not args.switch_interval > 0:
             raise ValueError(f"--switch-interval must be > 0 seconds, got {args.switch_interval}")
         pool_bytes = parse_size(pool_text)
@@ -114,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         token = exposure.load_token(args.auth_token_file)
         loop_config = LoopConfig(endpoint=args.endpoint, tcp=tcp, client_timeout_s=args.client_timeout,
                                  drain_timeout_s=args.drain_timeout, allow_remote=args.allow_remote,
-                                 auth_token=token)
+                                 auth_token=token, spin_s=args.spin_us * 1e-6)
         if args.metrics_port and not args.allow_remote and not exposure.is_local(f"tcp://{args.metrics_host}:0"):
             raise ValueError(f"refusing to serve metrics on {args.metrics_host}: a non-loopback address needs "
                              "--allow-remote")

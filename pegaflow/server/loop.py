@@ -5,7 +5,10 @@ It blocks in one ``recv`` on the ROUTER (bounded by RCVTIMEO: the sweep period, 
 that receive times out), answers requests through :class:`Service`, pushes completions, and
 sweeps silent sessions every heartbeat period. Engine threads (completions) and the signal
 handler wake it with a frame on an inproc DEALER connected to the same ROUTER, so the hot
-path is one recv and one send per request: no poller, no pipe. A stop request (SIGINT/SIGTERM) makes
+path is one recv and one send per request: no poller, no pipe. After a message, while no
+transfer is in flight, the loop first busy-polls its socket for ``spin_s`` (``--spin-us``):
+a request that follows within that window is read without the thread going to sleep and
+waking again. A stop request (SIGINT/SIGTERM) makes
 new requests fail with ``shutting_down``, lets transfers in flight finish for up to
 ``drain_timeout_s`` (then reports them failed), closes every registration, closes the
 engine, removes the IPC socket file and returns.
@@ -38,6 +41,9 @@ _SEND_LAST = int(zmq.NOBLOCK)
 _RCVTIMEO, _EVENTS, _POLLIN = int(zmq.RCVTIMEO), int(zmq.EVENTS), int(zmq.POLLIN)
 
 
+MAX_SPIN_S = 0.01  # a longer window burns a core for nothing: requests that far apart find the loop asleep
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     """Where to listen and how long to wait for clients."""
@@ -48,6 +54,11 @@ class LoopConfig:
     drain_timeout_s: float = 30.0
     allow_remote: bool = False  # may listen beyond loopback (needs auth_token too)
     auth_token: str | None = field(default=None, repr=False)  # every hello must present it
+    # Busy-poll window after each message while no transfer is in flight (0: always block).
+    # On the dev machine a 1,000-hash query went from 1.25-1.38x a blocking echo's round trip
+    # to 0.85-0.98x with 200 us (bench/NOTES.md, session 10). Not while transfers run: the
+    # spinning thread holds the GIL that their completion threads need.
+    spin_s: float = 200e-6
 
     def __post_init__(self) -> None:
         if not isinstance(self.endpoint, str) or "://" not in self.endpoint:
@@ -58,6 +69,8 @@ class LoopConfig:
             raise ValueError(f"client_timeout_s must be > 0, got {self.client_timeout_s!r}")
         if not self.drain_timeout_s >= 0:
             raise ValueError(f"drain_timeout_s must be >= 0, got {self.drain_timeout_s!r}")
+        if not 0 <= self.spin_s <= MAX_SPIN_S:
+            raise ValueError(f"spin_s must be in [0, {MAX_SPIN_S}] seconds, got {self.spin_s!r}")
         if self.auth_token is not None:
             exposure.check_token(self.auth_token, "auth_token")
         exposure.check_exposure([self.endpoint, *([self.tcp] if self.tcp else [])], self.allow_remote,
@@ -151,18 +164,25 @@ class ServerLoop:
         router.setsockopt(zmq.RCVTIMEO, rcvtimeo)
         next_sweep = time.monotonic() + period
         drain_deadline = None
+        spin_s, spin = self.config.spin_s, False
+        clock = time.perf_counter
         while True:
             # Pending LRU refreshes: wait TOUCH_IDLE_MS in the receive itself, then apply them.
             want = TOUCH_IDLE_MS if service.touches_pending else sweep_ms if drain_deadline is None else 50
             if want != rcvtimeo:
                 router.setsockopt(_RCVTIMEO, want)
                 rcvtimeo = want
+            if spin and not service.jobs:
+                end = clock() + spin_s
+                while not router.getsockopt(_EVENTS) & _POLLIN and clock() < end:
+                    pass
             try:
                 parts = router.recv_multipart()
             except zmq.Again:
                 parts = None  # idle for TOUCH_IDLE_MS or a sweep period
                 if service.touches_pending:
                     service.apply_idle_touches()
+            spin = parts is not None and spin_s > 0  # after a timeout (idle) the loop just blocks again
             if parts is not None:
                 identity = parts[0]
                 try:
