@@ -181,6 +181,13 @@ class Contents:
             for page, start, region in zip(pages, offsets, self.regions.regions):
                 page[ids] = data[:, start : start + region.page_bytes]
 
+    def _holds(self, row: torch.Tensor) -> str:
+        """What a block's bytes are: one key's content (which key), or none."""
+        words = row.view(torch.int64) ^ self.pattern
+        if bool((words == words[0]).all()):
+            return f"holds key {int(words[0]):#x}"
+        return "holds no key's content"
+
     def mismatches(self, block_ids: list[int], keys: list[int], limit: int = 5) -> list[str]:
         """Blocks whose bytes differ from their key's content (at most ``limit`` described)."""
         out: list[str] = []
@@ -198,5 +205,5 @@ class Contents:
                 diff = (rows_got[j] != rows_want[j]).nonzero()
                 if len(diff):
                     out.append(f"block {ids[j]}: {len(diff)} bytes differ, first at byte {int(diff[0])} "
-                               f"(key {ks[j]:#x})")
+                               f"(key {ks[j]:#x}; {self._holds(rows_got[j])})")
         return out
