@@ -56,7 +56,7 @@ class LoopConfig:
     auth_token: str | None = field(default=None, repr=False)  # every hello must present it
     # Busy-poll window after each message while no transfer is in flight (0: always block).
     # On the dev machine a 1,000-hash query went from 1.25-1.38x a blocking echo's round trip
-    # to 0.85-0.98x with 200 us (bench/NOTES.md, session 10). Not while transfers run: the
+    # to 0.78-1.09x with 200 us (bench/NOTES.md, session 10). Not while transfers run: the
     # spinning thread holds the GIL that their completion threads need.
     spin_s: float = 200e-6
 
