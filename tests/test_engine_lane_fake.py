@@ -267,3 +267,42 @@ def test_whole_block_loads_need_blocks_of_at_least_the_threshold(fake_cuda):
         assert lane._dma_load_plan(lane._paths[LOAD], job) is not None  # a short load: DMA
     finally:
         lane.close()
+
+
+def test_a_small_job_on_an_idle_path_completes_on_the_callers_thread(fake_cuda):
+    """Completing inline spares the completer thread's hand-off; never for a save whose
+    forward still runs, a job past sync_max_bytes, or a path with other copies in flight."""
+    cache, slot, pool, lane = small_lane(0)
+    me = threading.get_ident()
+
+    def submit(direction, ids, offsets, after=None):
+        finished = threading.Event()
+        where: list[int] = []
+
+        def finish(ok, error):
+            assert ok, error
+            where.append(threading.get_ident())
+            finished.set()
+
+        lane.submit(CopyJob(direction, cache.regions, ids, offsets, slot, TransferHandle(FakeEvent()), finish, after))
+        done_at_return = finished.is_set()
+        assert finished.wait(10)
+        return done_at_return, where[0] == me
+
+    try:
+        ready = FakeEvent()
+        ready.complete = True
+        assert submit(SAVE, [3], [0], ready) == (True, True)
+        assert submit(SAVE, [4], [slot], FakeEvent())[1] is False  # its forward still runs: the completer
+        assert submit(LOAD, [5], [0]) == (True, True)
+        assert torch.equal(block_bytes(cache, 5), block_bytes(cache, 3))
+        lane._sync_max_bytes = slot
+        assert submit(LOAD, [6, 7], [0, slot])[1] is False  # two blocks: past the bound
+        lane._sync_max_bytes = transfer.SYNC_MAX_BYTES
+        lane._paths[LOAD].inflight = 1  # another load's copies on the path's streams
+        assert submit(LOAD, [1], [slot])[1] is False
+        lane._paths[LOAD].inflight = 0
+        assert torch.equal(block_bytes(cache, 1), block_bytes(cache, 4))
+    finally:
+        lane._paths[LOAD].inflight = 0
+        lane.close()

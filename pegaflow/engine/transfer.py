@@ -68,6 +68,14 @@ WHOLE_BLOCK_DMA_BYTES = 256 << 10
 # events took 40-120 us off a save's or a load's round trip.
 SPIN_MAX_BYTES = 16 << 20
 
+# A job of at most this many bytes that finds its path idle completes on the caller's thread:
+# it is launched, its (spinning) event waited on without the GIL, and its bookkeeping done
+# there, not handed to the completer thread, which would then have to wake the server's loop
+# to push the completion (~70-80 us a hop on the H100 host, bench/NOTES.md session 7). The
+# caller blocks for the copy: ~40 us for 2 MiB. A save whose producer event has not completed
+# (its forward still runs) never completes inline.
+SYNC_MAX_BYTES = 4 << 20
+
 # A CPU job of at most this many pages (blocks x regions) is copied by address, one memmove
 # each (~1 us), on the caller's thread when its direction is idle: a thread hand-off and the
 # torch reference's per-region indexing (~200 us for one block) cost more than such a copy.
@@ -341,8 +349,9 @@ class GpuLane:
     """Saves and loads for the KV caches of one CUDA device."""
 
     def __init__(self, device: int, pool: torch.Tensor, staging_bytes: int, zero_copy: bool,
-                 dma_min_row: int | None = None) -> None:
+                 dma_min_row: int | None = None, sync_max_bytes: int = SYNC_MAX_BYTES) -> None:
         self.device = torch.device("cuda", device)
+        self._sync_max_bytes = sync_max_bytes
         self._pool = pool
         self._zero_copy = zero_copy
         # Saves by the copy engines alone where the KV cache's pages line up as strided rows
@@ -414,7 +423,13 @@ class GpuLane:
             if not inline:
                 path.backlog += 1
         if inline:
-            self._launch(path, job, chunks)
+            sync = (len(job.offsets) * job.slot_bytes <= self._sync_max_bytes
+                    and (job.after_event is None or job.after_event.query()))
+            if self._launch(path, job, chunks, sync=sync):
+                try:
+                    self._complete(path, job, job.handle._event, chunks)
+                except Exception:  # as on the completer thread: a bookkeeping bug must not reach the caller
+                    logger.exception("engine: completing a %s inline failed", job.direction)
         else:
             path.launcher.put(lambda: self._launch(path, job, chunks, queued=True))
 
@@ -422,19 +437,23 @@ class GpuLane:
         for path in self._paths.values():
             path.close()
 
-    def _launch(self, path: _Path, job: CopyJob, chunks: int, queued: bool = False) -> None:
+    def _launch(self, path: _Path, job: CopyJob, chunks: int, queued: bool = False, sync: bool = False) -> bool:
+        """Enqueue the job's copies. With ``sync``, if nothing else is in flight on the path
+        (so its streams hold this job alone), returns True: the caller completes the job
+        (:meth:`_complete`) after the launch lock is released; else its completer does."""
         with path.launch_lock:
             with path.state_lock:
+                sync = sync and path.inflight == 0
                 path.inflight += chunks
                 if queued:
                     path.backlog -= 1
-            self._launch_locked(path, job, chunks)
+            return self._launch_locked(path, job, chunks, sync)
 
     def _done(self, path: _Path, chunks: int) -> None:
         with path.state_lock:
             path.inflight -= chunks
 
-    def _launch_locked(self, path: _Path, job: CopyJob, chunks: int) -> None:
+    def _launch_locked(self, path: _Path, job: CopyJob, chunks: int, sync: bool = False) -> bool:
         event = job.handle._event
         try:
             with torch.cuda.device(self.device):
@@ -463,9 +482,12 @@ class GpuLane:
                 event.record(path.dma)
             job.handle._mark_launched()
             path.completer.put(lambda exc=exc: (event.synchronize(), self._done(path, chunks), _fail(job, exc)))
-            return
+            return False
         job.handle._mark_launched()
+        if sync:
+            return True
         path.completer.put(lambda: self._complete(path, job, event, chunks))
+        return False
 
     def _complete(self, path: _Path, job: CopyJob, event: torch.cuda.Event, chunks: int) -> None:
         try:
