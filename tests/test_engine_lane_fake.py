@@ -271,8 +271,10 @@ def test_whole_block_loads_need_blocks_of_at_least_the_threshold(fake_cuda):
 
 def test_a_small_job_on_an_idle_path_completes_on_the_callers_thread(fake_cuda):
     """Completing inline spares the completer thread's hand-off; never for a save whose
-    forward still runs, a job past sync_max_bytes, or a path with other copies in flight."""
+    forward still runs, a job past sync_max_bytes, or a path with other copies in flight;
+    never at all by default."""
     cache, slot, pool, lane = small_lane(0)
+    lane._sync_max_bytes = 4 * slot  # off by default (transfer.SYNC_MAX_BYTES) until measured on a GPU
     me = threading.get_ident()
 
     def submit(direction, ids, offsets, after=None):
@@ -298,11 +300,24 @@ def test_a_small_job_on_an_idle_path_completes_on_the_callers_thread(fake_cuda):
         assert torch.equal(block_bytes(cache, 5), block_bytes(cache, 3))
         lane._sync_max_bytes = slot
         assert submit(LOAD, [6, 7], [0, slot])[1] is False  # two blocks: past the bound
-        lane._sync_max_bytes = transfer.SYNC_MAX_BYTES
+        lane._sync_max_bytes = 4 * slot
         lane._paths[LOAD].inflight = 1  # another load's copies on the path's streams
         assert submit(LOAD, [1], [slot])[1] is False
         lane._paths[LOAD].inflight = 0
         assert torch.equal(block_bytes(cache, 1), block_bytes(cache, 4))
     finally:
         lane._paths[LOAD].inflight = 0
+        lane.close()
+
+
+def test_by_default_every_job_completes_on_the_completer_thread(fake_cuda):
+    cache, slot, pool, lane = small_lane(0)
+    me = threading.get_ident()
+    where: list[int] = []
+    finished = threading.Event()
+    try:
+        lane.submit(CopyJob(LOAD, cache.regions, [2], [0], slot, TransferHandle(FakeEvent()),
+                            lambda ok, error: (where.append(threading.get_ident()), finished.set())))
+        assert finished.wait(10) and where[0] != me
+    finally:
         lane.close()

@@ -73,8 +73,11 @@ SPIN_MAX_BYTES = 16 << 20
 # there, not handed to the completer thread, which would then have to wake the server's loop
 # to push the completion (~70-80 us a hop on the H100 host, bench/NOTES.md session 7). The
 # caller blocks for the copy: ~40 us for 2 MiB. A save whose producer event has not completed
-# (its forward still runs) never completes inline.
-SYNC_MAX_BYTES = 4 << 20
+# (its forward still runs) never completes inline. Off (0) until measured on a GPU: written
+# in session 10, when no GPU machine could be had; tested on the CPU with the fake lane only.
+# To try it: GpuLane(..., sync_max_bytes=4 << 20), then the GPU tests and an A/B of
+# bench/e2e.py's overhead phase.
+SYNC_MAX_BYTES = 0
 
 # A CPU job of at most this many pages (blocks x regions) is copied by address, one memmove
 # each (~1 us), on the caller's thread when its direction is idle: a thread hand-off and the
