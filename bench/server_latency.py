@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Row, arg_parser, print_table, write_json  # noqa: E402
 
 from pegaflow.client import PegaClient  # noqa: E402
+from pegaflow.server.__main__ import build_parser as server_cli  # noqa: E402
 from pegaflow.server.protocol import PROTOCOL_VERSION  # noqa: E402
 from pegaflow.server.spawn import ServerProcess  # noqa: E402
 
@@ -112,10 +113,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds of ours vs echo")
     parser.add_argument("--per-round", type=int, default=100, help="round trips per operation per round")
     parser.add_argument("--spin-us", type=float, default=None,
-                        help="the server's --spin-us, and the busy-poll echo's window (default: the server's, 200)")
+                        help="the server's --spin-us, and the busy-poll echo's window (default: the server's)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    spin_us = 200.0 if args.spin_us is None else args.spin_us
+    spin_us = server_cli().get_default("spin_us") if args.spin_us is None else args.spin_us
 
     server = ServerProcess(*(["--spin-us", str(args.spin_us)] if args.spin_us is not None else []),
                            pool_size="256mb", client_timeout=30.0)
