@@ -321,3 +321,42 @@ def test_by_default_every_job_completes_on_the_completer_thread(fake_cuda):
         assert finished.wait(10) and where[0] != me
     finally:
         lane.close()
+
+
+def test_a_lone_long_job_sleeps_through_its_copy_then_spins(fake_cuda, monkeypatch):
+    """A job of a transfer that began on an idle path, longer than SPIN_MAX_BYTES: the
+    completer sleeps until LATE_SPIN_S before its expected end (at the best rate seen), then
+    waits on a second, spinning event. Jobs not marked lone block on their own event."""
+    cache, slot, pool, lane = small_lane(0)
+    monkeypatch.setattr(transfer, "SPIN_MAX_BYTES", 0)  # every job here counts as long
+    sleeps: list[float] = []
+    monkeypatch.setattr(transfer.time, "sleep", sleeps.append)
+    made: list[FakeEvent] = []
+
+    class Spinning(FakeEvent):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__()
+            assert kwargs.get("blocking") is False
+            made.append(self)
+
+    monkeypatch.setattr(torch.cuda, "Event", Spinning)
+    path = lane._paths[LOAD]
+
+    def load(ids, offsets, lone):
+        finished = threading.Event()
+        lane.submit(CopyJob(LOAD, cache.regions, ids, offsets, slot, TransferHandle(FakeEvent()),
+                            lambda ok, error: finished.set(), lone=lone))
+        assert finished.wait(10)
+
+    try:
+        load([1], [0], lone=False)
+        assert made == [] and path.rate is None
+        load([2], [slot], lone=True)  # the first: no rate known, so no sleep, only the spin
+        assert len(made) == 1 and made[0].recorded == 1 and sleeps == []
+        assert path.rate is not None and path.rate > 0
+        path.rate = 2 * slot  # bytes/s: a 2-block job is expected to take 1 s
+        load([3, 4], [0, slot], lone=True)
+        assert len(made) == 2 and len(sleeps) == 1
+        assert 1.0 - transfer.LATE_SPIN_S - 0.5 < sleeps[0] <= 1.0 - transfer.LATE_SPIN_S
+    finally:
+        lane.close()

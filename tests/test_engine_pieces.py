@@ -103,3 +103,26 @@ def test_a_failed_copy_is_reported_even_where_blocks_were_missing_too():
     assert merged.missing == (2, 4) and merged.error == "RuntimeError: cuMemcpyAsync failed"
     only_missing = [(0, TransferResult(False, 3, 30, missing=(2,), error="1 of 4 blocks not held")), parts[1]]
     assert merge_results(only_missing, 8).error == "2 of 8 blocks not held"
+
+
+def test_every_piece_of_a_transfer_that_began_on_an_idle_path_is_marked_lone(monkeypatch):
+    """The lane sleeps then spins on lone jobs' ends (transfer.LATE_SPIN_S); a busy path's
+    transfers (head_blocks None) are not lone."""
+    idle = [True]
+    monkeypatch.setattr(CpuLane, "head_blocks", lambda self, direction, slot_bytes: 2 if idle[0] else None)
+    monkeypatch.setattr(CpuLane, "tail_blocks", lambda self, direction, slot_bytes: 2)
+    seen: list[tuple[str, int, bool]] = []
+    submit = CpuLane.submit
+    monkeypatch.setattr(CpuLane, "submit", lambda self, job: (seen.append((job.direction, len(job.block_ids), job.lone)),
+                                                              submit(self, job)))
+    with Engine(EngineConfig(pool_bytes=4 << 20)) as engine:
+        cache = llama_like()
+        engine.register_instance(spec_for(cache))
+        engine.register_kv("vllm-0", 0, cache.regions)
+        keys = hashes(7)
+        assert engine.save("vllm-0", 0, list(range(7)), keys).wait(10).ok
+        assert seen == [("save", 2, True), ("save", 3, True), ("save", 2, True)]
+        seen.clear()
+        idle[0] = False
+        assert engine.load("vllm-0", 0, list(range(8, 15)), keys).wait(10).ok
+        assert seen == [("load", 5, False), ("load", 2, False)]

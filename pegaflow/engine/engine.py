@@ -188,8 +188,10 @@ class Engine:
         inst, kv, lane, ids = self._check_transfer(instance_id, rank, block_ids, hashes)
         with self._lock:
             self._counters["saves"] += 1
-        parts = _pieces(len(ids), lane.head_blocks(SAVE, inst.slot_bytes), lane.tail_blocks(SAVE, inst.slot_bytes))
-        return combine([(i, self._save_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n], after_event))
+        head = lane.head_blocks(SAVE, inst.slot_bytes)
+        parts = _pieces(len(ids), head, lane.tail_blocks(SAVE, inst.slot_bytes))
+        return combine([(i, self._save_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n], after_event,
+                                             lone=head is not None))
                         for i, n in parts], len(ids))
 
     def load(self, instance_id: str, rank: int, block_ids: Sequence[int], hashes: Sequence[bytes]) -> TransferHandle:
@@ -203,8 +205,10 @@ class Engine:
             raise ValueError("block_ids holds duplicates: two loads would write the same block")
         with self._lock:
             self._counters["loads"] += 1
-        parts = _pieces(len(ids), lane.head_blocks(LOAD, inst.slot_bytes), lane.tail_blocks(LOAD, inst.slot_bytes))
-        return combine([(i, self._load_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n]))
+        head = lane.head_blocks(LOAD, inst.slot_bytes)
+        parts = _pieces(len(ids), head, lane.tail_blocks(LOAD, inst.slot_bytes))
+        return combine([(i, self._load_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n],
+                                             lone=head is not None))
                         for i, n in parts], len(ids))
 
     # A transfer that finds its path idle is booked and launched in growing pieces with its
@@ -216,7 +220,7 @@ class Engine:
     # saved (saves and loads at once fell from 0.84-0.92 to 0.66-0.91 of the ceiling).
 
     def _save_piece(self, inst: _Instance, kv: KVRegions, lane: Any, rank: int, ids: list[int],
-                    hashes: Sequence[bytes], after_event: Any) -> TransferHandle:
+                    hashes: Sequence[bytes], after_event: Any, lone: bool = False) -> TransferHandle:
         spec = inst.spec
         plan = self.index.prepare_save(
             inst.namespace, hashes, 0 if spec.replicated else rank, spec.stored_ranks, inst.slot_bytes
@@ -240,12 +244,12 @@ class Engine:
             handle._complete(TransferResult(ok, count if ok else 0, nbytes if ok else 0, plan.skipped, error=error))
 
         job = CopyJob(SAVE, kv, [ids[i] for i, _ in plan.writes], plan.offsets(), inst.slot_bytes, handle,
-                      finish, after_event)  # fmt: skip
+                      finish, after_event, lone)  # fmt: skip
         lane.submit(job)
         return handle
 
     def _load_piece(self, inst: _Instance, kv: KVRegions, lane: Any, rank: int, ids: list[int],
-                    hashes: Sequence[bytes]) -> TransferHandle:
+                    hashes: Sequence[bytes], lone: bool = False) -> TransferHandle:
         spec = inst.spec
         plan = self.index.prepare_load(inst.namespace, hashes, 0 if spec.replicated else rank)
         missing = missing_error(len(plan.missing), len(ids))
@@ -275,7 +279,8 @@ class Engine:
             handle._complete(TransferResult(ok and not plan.missing, count if ok else 0, nbytes if ok else 0,
                                             missing=plan.missing, error=error or missing))
 
-        job = CopyJob(LOAD, kv, [ids[i] for i, _ in plan.reads], plan.offsets(), inst.slot_bytes, handle, finish)
+        job = CopyJob(LOAD, kv, [ids[i] for i, _ in plan.reads], plan.offsets(), inst.slot_bytes, handle, finish,
+                      lone=lone)
         lane.submit(job)
         return handle
 

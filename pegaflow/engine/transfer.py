@@ -68,6 +68,15 @@ WHOLE_BLOCK_DMA_BYTES = 256 << 10
 # events took 40-120 us off a save's or a load's round trip.
 SPIN_MAX_BYTES = 16 << 20
 
+# A job longer than SPIN_MAX_BYTES of a transfer that began on an idle path (``CopyJob.lone``:
+# a lone prompt's load, which a request waits on) is waited for in two steps: the completer
+# sleeps until LATE_SPIN_S before the copy's expected end (its bytes at the best rate this
+# path has shown, learned from such jobs), then spins on a second event recorded beside the
+# job's own. The end is seen within microseconds instead of after a blocking wait's wake-up,
+# and the thread holds a core for about LATE_SPIN_S, not for the whole copy. Jobs of busy
+# paths (bulk transfers, queued behind others) block as before.
+LATE_SPIN_S = 300e-6
+
 # A job of at most this many bytes that finds its path idle completes on the caller's thread:
 # it is launched, its (spinning) event waited on without the GIL, and its bookkeeping done
 # there, not handed to the completer thread, which would then have to wake the server's loop
@@ -102,6 +111,16 @@ class CopyJob:
     handle: TransferHandle
     finish: Callable[[bool, str | None], None]  # engine bookkeeping; completes the handle
     after_event: Any = None
+    lone: bool = False  # its transfer began on an idle path: someone waits on it (see LATE_SPIN_S)
+
+
+@dataclass(frozen=True)
+class _LateSpin:
+    """A lone job's second, spinning completion event (see LATE_SPIN_S)."""
+
+    event: Any
+    start: float  # perf_counter before its launch
+    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -331,6 +350,10 @@ class _Path:
         self.state_lock = threading.Lock()
         self.backlog = 0  # jobs handed to the launcher thread and not yet launched
         self.inflight = 0  # chunks launched and not yet completed
+        # The completer's own: when it last saw a job end, and the best rate (bytes/s) of a
+        # lone job that started on an idle stream (None until one has run).
+        self.last_done = 0.0
+        self.rate: float | None = None
 
     def buffers(self, slot_bytes: int) -> list[torch.Tensor]:
         """The two staging halves, grown (after draining) if one slot does not fit."""
@@ -458,26 +481,33 @@ class GpuLane:
 
     def _launch_locked(self, path: _Path, job: CopyJob, chunks: int, sync: bool = False) -> bool:
         event = job.handle._event
+        start = time.perf_counter()
         try:
             with torch.cuda.device(self.device):
                 if self._zero_copy:
                     self._zero_copy_job(path, job)
-                    event.record(path.sm)
+                    end = path.sm
                 elif job.direction == SAVE:
                     plan = self._dma_plan(job.kv)
                     if plan is not None:
                         self._dma_copy(path, job, plan)
                     else:
                         self._staged_save(path, job)
-                    event.record(path.dma)
+                    end = path.dma
                 else:
                     plan = self._dma_load_plan(path, job)
                     if plan is not None:
                         self._dma_copy(path, job, plan)
-                        event.record(path.dma)
+                        end = path.dma
                     else:
                         self._staged_load(path, job)
-                        event.record(path.sm)
+                        end = path.sm
+                event.record(end)
+                late = None
+                nbytes = len(job.offsets) * job.slot_bytes
+                if job.lone and not sync and nbytes > SPIN_MAX_BYTES:
+                    late = _LateSpin(torch.cuda.Event(blocking=False), start, nbytes)
+                    late.event.record(end)
         except Exception as exc:
             # Some chunks may be enqueued: report the failure only once they are done.
             with torch.cuda.device(self.device):
@@ -489,18 +519,40 @@ class GpuLane:
         job.handle._mark_launched()
         if sync:
             return True
-        path.completer.put(lambda: self._complete(path, job, event, chunks))
+        path.completer.put(lambda: self._complete(path, job, event, chunks, late))
         return False
 
-    def _complete(self, path: _Path, job: CopyJob, event: torch.cuda.Event, chunks: int) -> None:
+    def _complete(self, path: _Path, job: CopyJob, event: torch.cuda.Event, chunks: int,
+                  late: _LateSpin | None = None) -> None:
         try:
-            event.synchronize()
+            if late is None:
+                event.synchronize()
+                path.last_done = time.perf_counter()
+            else:
+                self._wait_late(path, late)
         except Exception as exc:
             self._done(path, chunks)
             _fail(job, exc)
             return
         self._done(path, chunks)
         job.finish(True, None)
+
+    @staticmethod
+    def _wait_late(path: _Path, late: _LateSpin) -> None:
+        """Sleep through most of the copy, then spin on its end (see LATE_SPIN_S). Runs on the
+        path's completer, which sees its jobs end in launch order."""
+        own_stream = late.start >= path.last_done  # nothing of this path ran before it
+        start = max(late.start, path.last_done)
+        if path.rate:
+            delay = start + late.nbytes / path.rate - LATE_SPIN_S - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        late.event.synchronize()
+        end = path.last_done = time.perf_counter()
+        if own_stream:
+            # From before its launch to after its end: never faster than the copy was, so the
+            # sleep above never outlasts a copy at this rate.
+            path.rate = max(path.rate or 0.0, late.nbytes / max(end - start, 1e-6))
 
     def _per_chunk(self, path: _Path, slot_bytes: int) -> int:
         return max(1, path.half // slot_bytes)
