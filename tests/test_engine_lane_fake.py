@@ -358,5 +358,8 @@ def test_a_lone_long_job_sleeps_through_its_copy_then_spins(fake_cuda, monkeypat
         load([3, 4], [0, slot], lone=True)
         assert len(made) == 2 and len(sleeps) == 1
         assert 1.0 - transfer.LATE_SPIN_S - 0.5 < sleeps[0] <= 1.0 - transfer.LATE_SPIN_S
+        lane._late_spin_s = None  # off: a lone job blocks on its own event
+        load([5], [0], lone=True)
+        assert len(made) == 2 and len(sleeps) == 1
     finally:
         lane.close()

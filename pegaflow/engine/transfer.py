@@ -121,6 +121,7 @@ class _LateSpin:
     event: Any
     start: float  # perf_counter before its launch
     nbytes: int
+    margin_s: float  # wake this long before the expected end
 
 
 @dataclass(frozen=True)
@@ -375,9 +376,11 @@ class GpuLane:
     """Saves and loads for the KV caches of one CUDA device."""
 
     def __init__(self, device: int, pool: torch.Tensor, staging_bytes: int, zero_copy: bool,
-                 dma_min_row: int | None = None, sync_max_bytes: int = SYNC_MAX_BYTES) -> None:
+                 dma_min_row: int | None = None, sync_max_bytes: int = SYNC_MAX_BYTES,
+                 late_spin_s: float | None = LATE_SPIN_S) -> None:
         self.device = torch.device("cuda", device)
         self._sync_max_bytes = sync_max_bytes
+        self._late_spin_s = late_spin_s  # None: lone long jobs block like the others
         self._pool = pool
         self._zero_copy = zero_copy
         # Saves by the copy engines alone where the KV cache's pages line up as strided rows
@@ -505,8 +508,8 @@ class GpuLane:
                 event.record(end)
                 late = None
                 nbytes = len(job.offsets) * job.slot_bytes
-                if job.lone and not sync and nbytes > SPIN_MAX_BYTES:
-                    late = _LateSpin(torch.cuda.Event(blocking=False), start, nbytes)
+                if job.lone and not sync and nbytes > SPIN_MAX_BYTES and self._late_spin_s is not None:
+                    late = _LateSpin(torch.cuda.Event(blocking=False), start, nbytes, self._late_spin_s)
                     late.event.record(end)
         except Exception as exc:
             # Some chunks may be enqueued: report the failure only once they are done.
@@ -544,7 +547,7 @@ class GpuLane:
         own_stream = late.start >= path.last_done  # nothing of this path ran before it
         start = max(late.start, path.last_done)
         if path.rate:
-            delay = start + late.nbytes / path.rate - LATE_SPIN_S - time.perf_counter()
+            delay = start + late.nbytes / path.rate - late.margin_s - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
         late.event.synchronize()
