@@ -328,6 +328,7 @@ def test_a_lone_long_job_sleeps_through_its_copy_then_spins(fake_cuda, monkeypat
     completer sleeps until LATE_SPIN_S before its expected end (at the best rate seen), then
     waits on a second, spinning event. Jobs not marked lone block on their own event."""
     cache, slot, pool, lane = small_lane(0)
+    lane._late_spin_s = transfer.LATE_SPIN_S  # off by default (transfer.LATE_SPIN) until measured on a GPU
     monkeypatch.setattr(transfer, "SPIN_MAX_BYTES", 0)  # every job here counts as long
     sleeps: list[float] = []
     monkeypatch.setattr(transfer.time, "sleep", sleeps.append)

@@ -74,8 +74,10 @@ SPIN_MAX_BYTES = 16 << 20
 # path has shown, learned from such jobs), then spins on a second event recorded beside the
 # job's own. The end is seen within microseconds instead of after a blocking wait's wake-up,
 # and the thread holds a core for about LATE_SPIN_S, not for the whole copy. Jobs of busy
-# paths (bulk transfers, queued behind others) block as before.
+# paths (bulk transfers, queued behind others) block as before. Written in session 11 while
+# no GPU machine could be had: off (LATE_SPIN False) until measured; the fake lane tests it.
 LATE_SPIN_S = 300e-6
+LATE_SPIN = False
 
 # A job of at most this many bytes that finds its path idle completes on the caller's thread:
 # it is launched, its (spinning) event waited on without the GIL, and its bookkeeping done
@@ -377,7 +379,7 @@ class GpuLane:
 
     def __init__(self, device: int, pool: torch.Tensor, staging_bytes: int, zero_copy: bool,
                  dma_min_row: int | None = None, sync_max_bytes: int = SYNC_MAX_BYTES,
-                 late_spin_s: float | None = LATE_SPIN_S) -> None:
+                 late_spin_s: float | None = LATE_SPIN_S if LATE_SPIN else None) -> None:
         self.device = torch.device("cuda", device)
         self._sync_max_bytes = sync_max_bytes
         self._late_spin_s = late_spin_s  # None: lone long jobs block like the others
