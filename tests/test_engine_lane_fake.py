@@ -343,10 +343,10 @@ def test_a_lone_long_job_sleeps_through_its_copy_then_spins(fake_cuda, monkeypat
     monkeypatch.setattr(torch.cuda, "Event", Spinning)
     path = lane._paths[LOAD]
 
-    def load(ids, offsets, lone):
+    def load(ids, offsets, lone, direction=LOAD, after=None):
         finished = threading.Event()
-        lane.submit(CopyJob(LOAD, cache.regions, ids, offsets, slot, TransferHandle(FakeEvent()),
-                            lambda ok, error: finished.set(), lone=lone))
+        lane.submit(CopyJob(direction, cache.regions, ids, offsets, slot, TransferHandle(FakeEvent()),
+                            lambda ok, error: finished.set(), after, lone=lone))
         assert finished.wait(10)
 
     try:
@@ -359,8 +359,15 @@ def test_a_lone_long_job_sleeps_through_its_copy_then_spins(fake_cuda, monkeypat
         load([3, 4], [0, slot], lone=True)
         assert len(made) == 2 and len(sleeps) == 1
         assert 1.0 - transfer.LATE_SPIN_S - 0.5 < sleeps[0] <= 1.0 - transfer.LATE_SPIN_S
+        forward = Spinning(blocking=False)  # a producer event whose forward still runs
+        made.pop()
+        load([5], [0], lone=True, direction=SAVE, after=forward)  # its copy starts when the forward ends
+        assert len(made) == 2 and len(sleeps) == 1
+        forward.complete = True
+        load([6], [slot], lone=True, direction=SAVE, after=forward)
+        assert len(made) == 3
         lane._late_spin_s = None  # off: a lone job blocks on its own event
         load([5], [0], lone=True)
-        assert len(made) == 2 and len(sleeps) == 1
+        assert len(made) == 3 and len(sleeps) == 1
     finally:
         lane.close()

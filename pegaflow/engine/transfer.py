@@ -510,7 +510,10 @@ class GpuLane:
                 event.record(end)
                 late = None
                 nbytes = len(job.offsets) * job.slot_bytes
-                if job.lone and not sync and nbytes > SPIN_MAX_BYTES and self._late_spin_s is not None:
+                # Not for a save still waiting on its forward: the copy starts when the forward
+                # ends (a 10K-token prefill: ~0.3 s), which no rate predicts; the spin would last that long.
+                if (job.lone and not sync and nbytes > SPIN_MAX_BYTES and self._late_spin_s is not None
+                        and (job.after_event is None or job.after_event.query())):
                     late = _LateSpin(torch.cuda.Event(blocking=False), start, nbytes, self._late_spin_s)
                     late.event.record(end)
         except Exception as exc:
