@@ -296,7 +296,9 @@ def _await(rank: Any, key: Any) -> tuple[float, bool]:
 
 def _latencies(rank: Any, f: Figures, k: int, n: int, barrier: Any, target: list[int]) -> dict[str, Any]:
     """``n`` saves then ``n`` loads of ``k`` blocks, one at a time: milliseconds each."""
-    out: dict[str, Any] = {"save": [], "load": [], "failed": 0, "mismatches": []}
+    # "<d>_call": the part of each spent in the submitting call (the request and its reply);
+    # the rest is the copy, the server's completion and its push.
+    out: dict[str, Any] = {"save": [], "load": [], "save_call": [], "load_call": [], "failed": 0, "mismatches": []}
     saved = []
     src = f.ranges[0][:k]
     for _ in range(n):
@@ -304,7 +306,9 @@ def _latencies(rank: Any, f: Figures, k: int, n: int, barrier: Any, target: list
         for b, h in zip(src, hashes):
             rank.known[h] = rank.held[b]
         t0 = time.monotonic()
-        end, ok = _await(rank, rank.submit_save(src, hashes))
+        job = rank.submit_save(src, hashes)
+        out["save_call"].append((time.monotonic() - t0) * 1e3)
+        end, ok = _await(rank, job)
         out["save"].append((end - t0) * 1e3)
         out["failed"] += not ok
         saved.append(hashes)
@@ -312,7 +316,9 @@ def _latencies(rank: Any, f: Figures, k: int, n: int, barrier: Any, target: list
     for hashes in saved:
         rank.poison(target)
         t0 = time.monotonic()
-        end, ok = _await(rank, rank.submit_load(target, hashes))
+        req = rank.submit_load(target, hashes)
+        out["load_call"].append((time.monotonic() - t0) * 1e3)
+        end, ok = _await(rank, req)
         out["load"].append((end - t0) * 1e3)
         out["failed"] += not ok
         out["mismatches"] += rank.check(target, hashes)

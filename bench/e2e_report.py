@@ -82,6 +82,9 @@ def build_rows(results: dict[str, Any], shape: str, layout: str, tp: int, block_
             copy = statistics.mean(rank["copy_ms"][d] for rank in per_size)
             over = [(x - copy) * 1e3 for x in lat]
             note = f"latency p50 {_pct(lat, 0.5):.3f} ms minus copy {copy:.3f} ms; target p50 <= 200 us"
+            calls = [x for rank in per_size for x in rank.get(f"{d}_call", [])]
+            if calls:  # results of older runs lack it
+                note += f"; the submitting call (request and reply) p50 {_pct(calls, 0.5) * 1e3:.0f} us"
             rows.append(Row(config, "overhead", f"{d}-{k}blk-p50", True, round(_pct(over, 0.5), 1), "us", note=note))
             rows.append(Row(config, "overhead", f"{d}-{k}blk-p99", True, round(_pct(over, 0.99), 1), "us"))
     rows += _ttft_rows(config, results)
