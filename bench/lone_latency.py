@@ -13,7 +13,7 @@ after the same gap: one contiguous pinned copy of the same bytes (its GPU time; 
 ratio is that over our wall time). The lane's completion waits are compared in turns:
 
 - ``block``: jobs over ``SPIN_MAX_BYTES`` block on their event (the default);
-- ``late``:  lone long jobs sleep, then spin (``transfer.LATE_SPIN_S``);
+- ``late``:  lone long jobs block until their last piece, then spin (``transfer.LATE_SPIN``);
 - ``spin``:  every event spins (a bound for ``late``: no wake-up, a core held throughout);
 - ``sync``:  ``late``, and jobs up to 4 MiB complete on the caller's thread (``SYNC_MAX_BYTES``).
 
@@ -44,7 +44,7 @@ VARIANTS = ("block", "late", "spin", "sync")
 
 
 def _set_variant(lane: transfer.GpuLane, variant: str) -> None:
-    lane._late_spin_s = None if variant == "block" else transfer.LATE_SPIN_S
+    lane._late_spin = variant != "block"
     lane._sync_max_bytes = (4 << 20) if variant == "sync" else 0
     spin_all = variant == "spin"
     lane.new_event = lambda nbytes=1 << 62: torch.cuda.Event(
@@ -151,14 +151,12 @@ def main() -> None:
                     rows.append(Row(config, direction, f"{variant}: call->done", True, round(wall, 1), "us",
                                     ceiling=round(copy, 1), ratio=round(copy / wall, 3),
                                     note=f"GPU span {gpu:.1f} us, host beyond it {host_share:.1f} us"))
-        rates = {d: lane._paths[d].rate for d in (LOAD, SAVE)}
     finally:
         engine.close()
     print_table(rows)
     for r in rows:
         if r.note:
             print(f"  {r.config} {r.direction} {r.method}: {r.note}")
-    print(f"learned rates (GB/s): { {d: round(v / 1e9, 1) if v else None for d, v in rates.items()} }")
     write_json(args.json, "lone_latency", rows, {"setup": {"sizes": sizes, "gap_ms": args.gap_ms, "repeat": args.repeat,
                                                            "rounds": args.rounds, "block_bytes": block}})
 

@@ -323,51 +323,66 @@ def test_by_default_every_job_completes_on_the_completer_thread(fake_cuda):
         lane.close()
 
 
-def test_a_lone_long_job_sleeps_through_its_copy_then_spins(fake_cuda, monkeypatch):
+def test_a_lone_long_job_blocks_until_its_last_piece_then_spins(fake_cuda, monkeypatch):
     """A job of a transfer that began on an idle path, longer than SPIN_MAX_BYTES: the
-    completer sleeps until LATE_SPIN_S before its expected end (at the best rate seen), then
-    waits on a second, spinning event. Jobs not marked lone block on their own event."""
-    cache, slot, pool, lane = small_lane(0)
-    lane._late_spin_s = transfer.LATE_SPIN_S  # off by default (transfer.LATE_SPIN) until measured on a GPU
-    monkeypatch.setattr(transfer, "SPIN_MAX_BYTES", 0)  # every job here counts as long
-    sleeps: list[float] = []
-    monkeypatch.setattr(transfer.time, "sleep", sleeps.append)
-    made: list[FakeEvent] = []
+    completer blocks on an event recorded where at most SPIN_MAX_BYTES of its copies are left,
+    then spins on one beside its end. Not for jobs that are not lone, nor for a save whose
+    forward still runs, nor when the lane's late_spin is off (the default until measured)."""
+    waits: list[str] = []
 
-    class Spinning(FakeEvent):
-        def __init__(self, *args, **kwargs) -> None:
+    class Recorded(FakeEvent):
+        def __init__(self, *args, blocking=False, **kwargs) -> None:
             super().__init__()
-            assert kwargs.get("blocking") is False
+            self.blocking = blocking
             made.append(self)
 
-    monkeypatch.setattr(torch.cuda, "Event", Spinning)
-    path = lane._paths[LOAD]
+        def synchronize(self) -> None:
+            waits.append("block" if self.blocking else "spin")
 
-    def load(ids, offsets, lone, direction=LOAD, after=None):
+    made: list[Recorded] = []
+    monkeypatch.setattr(torch.cuda, "Event", Recorded)  # only _Near makes events from here on
+    monkeypatch.setattr(transfer, "SPIN_MAX_BYTES", 0)
+
+    def job(lane, slot, cache, direction, ids, offsets, lone=True, after=None):
         finished = threading.Event()
-        lane.submit(CopyJob(direction, cache.regions, ids, offsets, slot, TransferHandle(FakeEvent()),
+        handle = TransferHandle(FakeEvent())
+        lane.submit(CopyJob(direction, cache.regions, ids, offsets, slot, handle,
                             lambda ok, error: finished.set(), after, lone=lone))
         assert finished.wait(10)
+        return [(e.blocking, e.recorded) for e in made]
 
+    cache, slot, pool, lane = small_lane(0)  # saves and short loads by the copy engines
+    assert lane._late_spin is False
+    lane._late_spin = True
+    made.clear()  # the lane's own staging events
     try:
-        load([1], [0], lone=False)
-        assert made == [] and path.rate is None
-        load([2], [slot], lone=True)  # the first: no rate known, so no sleep, only the spin
-        assert len(made) == 1 and made[0].recorded == 1 and sleeps == []
-        assert path.rate is not None and path.rate > 0
-        path.rate = 2 * slot  # bytes/s: a 2-block job is expected to take 1 s
-        load([3, 4], [0, slot], lone=True)
-        assert len(made) == 2 and len(sleeps) == 1
-        assert 1.0 - transfer.LATE_SPIN_S - 0.5 < sleeps[0] <= 1.0 - transfer.LATE_SPIN_S
-        forward = Spinning(blocking=False)  # a producer event whose forward still runs
-        made.pop()
-        load([5], [0], lone=True, direction=SAVE, after=forward)  # its copy starts when the forward ends
-        assert len(made) == 2 and len(sleeps) == 1
-        forward.complete = True
-        load([6], [slot], lone=True, direction=SAVE, after=forward)
-        assert len(made) == 3
-        lane._late_spin_s = None  # off: a lone job blocks on its own event
-        load([5], [0], lone=True)
-        assert len(made) == 3 and len(sleeps) == 1
+        monkeypatch.setattr(transfer, "SPIN_MAX_BYTES", slot)  # one block's bytes may be spun through
+        assert job(lane, slot, cache, LOAD, [1, 2, 3], [0, slot, 2 * slot]) == [(True, 1), (False, 1)]
+        assert waits == ["block", "spin"]
+        made.clear(), waits.clear()
+        assert job(lane, slot, cache, LOAD, [4, 5], [0, slot], lone=False) == []
+        monkeypatch.setattr(transfer, "SPIN_MAX_BYTES", 0)
+        assert job(lane, slot, cache, SAVE, [1], [0]) == [(True, 0), (False, 1)]  # no piece left to block on
+        assert waits == ["spin"]
+        made.clear()
+        forward = FakeEvent()  # its forward still runs
+        assert job(lane, slot, cache, SAVE, [2], [slot], after=forward) == []
+        lane._late_spin = False
+        assert job(lane, slot, cache, LOAD, [6], [0]) == []
+    finally:
+        lane.close()
+
+    cache, slot, pool, lane = small_lane(None)  # staged: two blocks a chunk
+    lane._late_spin = True
+    made.clear(), waits.clear()  # the lane's own staging events
+    try:
+        src = [0, 1, 2, 3]
+        expected = [block_bytes(cache, b).clone() for b in src]
+        assert job(lane, slot, cache, SAVE, src, [0, slot, 2 * slot, 3 * slot]) == [(True, 1), (False, 1)]
+        made.clear()
+        assert job(lane, slot, cache, LOAD, [4, 5, 6, 7], [0, slot, 2 * slot, 3 * slot]) == [(True, 1), (False, 1)]
+        assert all(torch.equal(block_bytes(cache, b), e) for b, e in zip((4, 5, 6, 7), expected))
+        made.clear()
+        assert job(lane, slot, cache, LOAD, [4, 5], [0, slot]) == [(True, 0), (False, 1)]  # one chunk
     finally:
         lane.close()

@@ -106,7 +106,7 @@ def test_a_failed_copy_is_reported_even_where_blocks_were_missing_too():
 
 
 def test_every_piece_of_a_transfer_that_began_on_an_idle_path_is_marked_lone(monkeypatch):
-    """The lane sleeps then spins on lone jobs' ends (transfer.LATE_SPIN_S); a busy path's
+    """The lane waits for lone long jobs' ends in two steps (transfer.LATE_SPIN); a busy path's
     transfers (head_blocks None) are not lone."""
     idle = [True]
     monkeypatch.setattr(CpuLane, "head_blocks", lambda self, direction, slot_bytes: 2 if idle[0] else None)

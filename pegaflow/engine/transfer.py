@@ -70,13 +70,13 @@ SPIN_MAX_BYTES = 16 << 20
 
 # A job longer than SPIN_MAX_BYTES of a transfer that began on an idle path (``CopyJob.lone``:
 # a lone prompt's load, which a request waits on) is waited for in two steps: the completer
-# sleeps until LATE_SPIN_S before the copy's expected end (its bytes at the best rate this
-# path has shown, learned from such jobs), then spins on a second event recorded beside the
-# job's own. The end is seen within microseconds instead of after a blocking wait's wake-up,
-# and the thread holds a core for about LATE_SPIN_S, not for the whole copy. Jobs of busy
-# paths (bulk transfers, queued behind others) block as before. Written in session 11 while
-# no GPU machine could be had: off (LATE_SPIN False) until measured; the fake lane tests it.
-LATE_SPIN_S = 300e-6
+# blocks on an event recorded where at most SPIN_MAX_BYTES of the job's copies are left (before
+# its last staging chunk's DMA, or before its last 2D copies), then spins on a second event
+# recorded beside the job's own. The end is seen within microseconds instead of after a
+# blocking wait's wake-up (which the rest of the copy hides), and the thread holds a core for
+# the last piece only. Jobs of busy paths (bulk transfers, queued behind others) block as
+# before. Written in session 11 while no GPU machine could be had: off until measured; the
+# fake lane tests it.
 LATE_SPIN = False
 
 # A job of at most this many bytes that finds its path idle completes on the caller's thread:
@@ -113,17 +113,28 @@ class CopyJob:
     handle: TransferHandle
     finish: Callable[[bool, str | None], None]  # engine bookkeeping; completes the handle
     after_event: Any = None
-    lone: bool = False  # its transfer began on an idle path: someone waits on it (see LATE_SPIN_S)
+    lone: bool = False  # its transfer began on an idle path: someone waits on it (see LATE_SPIN)
 
 
-@dataclass(frozen=True)
-class _LateSpin:
-    """A lone job's second, spinning completion event (see LATE_SPIN_S)."""
+class _Near:
+    """A lone long job's two waits (see LATE_SPIN): a blocking event the copy routine records
+    where at most SPIN_MAX_BYTES are left (a staged one: before its last chunk), and a spinning
+    one beside the job's end. Where none is recorded (one staging chunk) the wait spins throughout."""
 
-    event: Any
-    start: float  # perf_counter before its launch
-    nbytes: int
-    margin_s: float  # wake this long before the expected end
+    def __init__(self) -> None:
+        self.event = torch.cuda.Event(blocking=True)
+        self.recorded = False
+        self.end = torch.cuda.Event(blocking=False)
+
+    def mark(self, stream: Any) -> None:
+        if not self.recorded:
+            self.event.record(stream)
+            self.recorded = True
+
+    def wait(self) -> None:
+        if self.recorded:
+            self.event.synchronize()  # sleeps through most of the copy
+        self.end.synchronize()  # spins through the rest
 
 
 @dataclass(frozen=True)
@@ -353,10 +364,6 @@ class _Path:
         self.state_lock = threading.Lock()
         self.backlog = 0  # jobs handed to the launcher thread and not yet launched
         self.inflight = 0  # chunks launched and not yet completed
-        # The completer's own: when it last saw a job end, and the best rate (bytes/s) of a
-        # lone job that started on an idle stream (None until one has run).
-        self.last_done = 0.0
-        self.rate: float | None = None
 
     def buffers(self, slot_bytes: int) -> list[torch.Tensor]:
         """The two staging halves, grown (after draining) if one slot does not fit."""
@@ -379,10 +386,10 @@ class GpuLane:
 
     def __init__(self, device: int, pool: torch.Tensor, staging_bytes: int, zero_copy: bool,
                  dma_min_row: int | None = None, sync_max_bytes: int = SYNC_MAX_BYTES,
-                 late_spin_s: float | None = LATE_SPIN_S if LATE_SPIN else None) -> None:
+                 late_spin: bool = LATE_SPIN) -> None:
         self.device = torch.device("cuda", device)
         self._sync_max_bytes = sync_max_bytes
-        self._late_spin_s = late_spin_s  # None: lone long jobs block like the others
+        self._late_spin = late_spin  # False: lone long jobs block like the others
         self._pool = pool
         self._zero_copy = zero_copy
         # Saves by the copy engines alone where the KV cache's pages line up as strided rows
@@ -486,7 +493,11 @@ class GpuLane:
 
     def _launch_locked(self, path: _Path, job: CopyJob, chunks: int, sync: bool = False) -> bool:
         event = job.handle._event
-        start = time.perf_counter()
+        # Not for a save still waiting on its forward (a 10K-token prefill: ~0.3 s): its copy's
+        # start is unknown, and the near event would fire while its own copies had yet to run.
+        near = (_Near() if self._late_spin and job.lone and not sync and not self._zero_copy
+                and len(job.offsets) * job.slot_bytes > SPIN_MAX_BYTES
+                and (job.after_event is None or job.after_event.query()) else None)
         try:
             with torch.cuda.device(self.device):
                 if self._zero_copy:
@@ -495,27 +506,21 @@ class GpuLane:
                 elif job.direction == SAVE:
                     plan = self._dma_plan(job.kv)
                     if plan is not None:
-                        self._dma_copy(path, job, plan)
+                        self._dma_copy(path, job, plan, near)
                     else:
-                        self._staged_save(path, job)
+                        self._staged_save(path, job, near)
                     end = path.dma
                 else:
                     plan = self._dma_load_plan(path, job)
                     if plan is not None:
-                        self._dma_copy(path, job, plan)
+                        self._dma_copy(path, job, plan, near)
                         end = path.dma
                     else:
-                        self._staged_load(path, job)
+                        self._staged_load(path, job, near)
                         end = path.sm
                 event.record(end)
-                late = None
-                nbytes = len(job.offsets) * job.slot_bytes
-                # Not for a save still waiting on its forward: the copy starts when the forward
-                # ends (a 10K-token prefill: ~0.3 s), which no rate predicts; the spin would last that long.
-                if (job.lone and not sync and nbytes > SPIN_MAX_BYTES and self._late_spin_s is not None
-                        and (job.after_event is None or job.after_event.query())):
-                    late = _LateSpin(torch.cuda.Event(blocking=False), start, nbytes, self._late_spin_s)
-                    late.event.record(end)
+                if near is not None:
+                    near.end.record(end)
         except Exception as exc:
             # Some chunks may be enqueued: report the failure only once they are done.
             with torch.cuda.device(self.device):
@@ -527,40 +532,22 @@ class GpuLane:
         job.handle._mark_launched()
         if sync:
             return True
-        path.completer.put(lambda: self._complete(path, job, event, chunks, late))
+        path.completer.put(lambda: self._complete(path, job, event, chunks, near))
         return False
 
     def _complete(self, path: _Path, job: CopyJob, event: torch.cuda.Event, chunks: int,
-                  late: _LateSpin | None = None) -> None:
+                  near: _Near | None = None) -> None:
         try:
-            if late is None:
+            if near is None:
                 event.synchronize()
-                path.last_done = time.perf_counter()
             else:
-                self._wait_late(path, late)
+                near.wait()
         except Exception as exc:
             self._done(path, chunks)
             _fail(job, exc)
             return
         self._done(path, chunks)
         job.finish(True, None)
-
-    @staticmethod
-    def _wait_late(path: _Path, late: _LateSpin) -> None:
-        """Sleep through most of the copy, then spin on its end (see LATE_SPIN_S). Runs on the
-        path's completer, which sees its jobs end in launch order."""
-        own_stream = late.start >= path.last_done  # nothing of this path ran before it
-        start = max(late.start, path.last_done)
-        if path.rate:
-            delay = start + late.nbytes / path.rate - late.margin_s - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-        late.event.synchronize()
-        end = path.last_done = time.perf_counter()
-        if own_stream:
-            # From before its launch to after its end: never faster than the copy was, so the
-            # sleep above never outlasts a copy at this rate.
-            path.rate = max(path.rate or 0.0, late.nbytes / max(end - start, 1e-6))
 
     def _per_chunk(self, path: _Path, slot_bytes: int) -> int:
         return max(1, path.half // slot_bytes)
@@ -571,7 +558,7 @@ class GpuLane:
             raise ValueError(f"slot offsets {min(job.offsets)}..{max(job.offsets)} (+{job.slot_bytes}) fall "
                              f"outside the pool's {self._pool.numel()} bytes")
 
-    def _staged_save(self, path: _Path, job: CopyJob) -> None:
+    def _staged_save(self, path: _Path, job: CopyJob, near: _Near | None = None) -> None:
         self._check_slots(job)
         slot = job.slot_bytes
         staging = path.buffers(slot)
@@ -585,12 +572,15 @@ class GpuLane:
         with torch.cuda.stream(path.sm):
             table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=False)
             _wait_for_producer(job, path.sm)
-            for k, (first, count, parts) in enumerate(chunk_runs(job.offsets, slot, per_chunk)):
+            work = chunk_runs(job.offsets, slot, per_chunk)
+            for k, (first, count, parts) in enumerate(work):
                 b = k % 2
                 path.sm.wait_event(path.free[b])
                 with _KERNEL_LOCK:
                     self._copier.launch_rows(table, first, count, staging[b])
                 path.ready[b].record(path.sm)
+                if near is not None and k == len(work) - 1 and k:
+                    near.mark(path.dma)  # the chunk before the last is out
                 path.dma.wait_event(path.ready[b])
                 for p in parts:
                     self._dma(pool + p.offset, rows[b] + (p.first - first) * slot, p.count * slot, stream)
@@ -636,7 +626,7 @@ class GpuLane:
             self._plans[key] = plan
         return self._plans[key]
 
-    def _dma_copy(self, path: _Path, job: CopyJob, plan: tuple[dma.Rows, ...]) -> None:
+    def _dma_copy(self, path: _Path, job: CopyJob, plan: tuple[dma.Rows, ...], near: _Near | None = None) -> None:
         """Each block's pages straight to (from) its slot, one 2D copy per row set: no SM work."""
         self._check_slots(job)
         stride = job.kv.regions[0].block_stride
@@ -649,15 +639,24 @@ class GpuLane:
             # Each block fills its stride and its slot: consecutive blocks in consecutive slots
             # are one run on both sides, one copy.
             base, size = plan[0].src, job.slot_bytes
+            left = len(job.block_ids) * size  # bytes not yet enqueued
             for b, off, n in block_runs(job.block_ids, job.offsets, size):
+                if near is not None and left <= SPIN_MAX_BYTES:
+                    near.mark(path.dma)
+                left -= n * size
                 kv, slot = base + b * stride, pool + off
                 if save:
                     copy_1d(slot, kv, n * size, stream)
                 else:
                     copy_1d(kv, slot, n * size, stream)
             return
+        left = len(job.block_ids) * sum(r.width * r.height for r in plan)
         for rows in plan:
+            step = rows.width * rows.height
             for b, off in zip(job.block_ids, job.offsets):
+                if near is not None and left <= SPIN_MAX_BYTES:
+                    near.mark(path.dma)
+                left -= step
                 kv, slot = rows.src + b * stride, pool + off + rows.dst
                 dst, dst_pitch, src, src_pitch = (
                     (slot, rows.dst_pitch, kv, rows.src_pitch) if save else (kv, rows.src_pitch, slot, rows.dst_pitch))
@@ -666,7 +665,7 @@ class GpuLane:
                 else:
                     copy_2d(dst, dst_pitch, src, src_pitch, rows.width, rows.height, stream)
 
-    def _staged_load(self, path: _Path, job: CopyJob) -> None:
+    def _staged_load(self, path: _Path, job: CopyJob, near: _Near | None = None) -> None:
         self._check_slots(job)
         slot = job.slot_bytes
         staging = path.buffers(slot)
@@ -676,6 +675,8 @@ class GpuLane:
 
         def copy(k: int) -> None:
             b, (first, _, parts) = k % 2, work[k]
+            if near is not None and k == len(work) - 1 and k:
+                near.mark(path.dma)  # the chunk before the last is in
             path.dma.wait_event(path.free[b])
             for p in parts:
                 self._dma(rows[b] + (p.first - first) * slot, pool + p.offset, p.count * slot, stream)
