@@ -35,7 +35,7 @@ except ImportError:  # optional: the pure-Python index is complete without it
 AVAILABLE = numba is not None
 
 _MIN_ROWS = 64
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads any hash's first word
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: spreads the mixed words
 
 
 def _jit(fn):
@@ -49,8 +49,15 @@ def _jit_inline(fn):
 
 
 @_jit_inline
-def _home(word, shift):
-    return np.int64((word * _GOLDEN) >> shift)
+def _home(matrix, i, shift):
+    # Every word counts: hashes that share their first word (the engine bench's padded text
+    # "hashes", or any hash function with a fixed prefix) would all start one probe run, and
+    # each insert and removal would walk it. On the H100, 512-block saves of such hashes
+    # spent 14 ms a removal and fell to 0.05 of PCIe speed (bench/NOTES.md, session 12).
+    h = matrix[i, 0]
+    for w in range(1, matrix.shape[1]):
+        h = (h * _GOLDEN) ^ matrix[i, w]
+    return np.int64((h * _GOLDEN) >> shift)
 
 
 @_jit_inline
@@ -87,7 +94,7 @@ def _clear(rows, j):
 @_jit
 def _find(rows, hashes, i, shift, mask):
     """The row holding ``hashes[i]`` (not the zero hash), or -1."""
-    j = _home(hashes[i, 0], shift)
+    j = _home(hashes, i, shift)
     while not _empty(rows, j):
         if _same(rows, j, hashes, i):
             return j
@@ -111,7 +118,7 @@ def _prefix(rows, hashes, has_zero, shift, mask):
 def _insert(rows, hashes, shift, mask):
     """Add ``hashes`` (none held, none zero)."""
     for i in range(hashes.shape[0]):
-        j = _home(hashes[i, 0], shift)
+        j = _home(hashes, i, shift)
         while not _empty(rows, j):
             j = (j + 1) & mask
         _put(rows, j, hashes, i)
@@ -130,7 +137,7 @@ def _remove(rows, hashes, shift, mask):
         # member stays reachable from its home without tombstones.
         k = (hole + 1) & mask
         while not _empty(rows, k):
-            home = _home(rows[k, 0], shift)
+            home = _home(rows, k, shift)
             # k may fill the hole unless its home lies cyclically in (hole, k].
             if (hole < k and (home <= hole or home > k)) or (hole > k and home <= hole and home > k):
                 _put(rows, hole, rows, k)
