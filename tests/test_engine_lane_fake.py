@@ -272,9 +272,9 @@ def test_whole_block_loads_need_blocks_of_at_least_the_threshold(fake_cuda):
 def test_a_small_job_on_an_idle_path_completes_on_the_callers_thread(fake_cuda):
     """Completing inline spares the completer thread's hand-off; never for a save whose
     forward still runs, a job past sync_max_bytes, or a path with other copies in flight;
-    never at all by default."""
+    never with sync_max_bytes 0."""
     cache, slot, pool, lane = small_lane(0)
-    lane._sync_max_bytes = 4 * slot  # off by default (transfer.SYNC_MAX_BYTES) until measured on a GPU
+    lane._sync_max_bytes = 4 * slot  # the default (4 MiB) holds every job here: a tighter bound
     me = threading.get_ident()
 
     def submit(direction, ids, offsets, after=None):
@@ -310,8 +310,10 @@ def test_a_small_job_on_an_idle_path_completes_on_the_callers_thread(fake_cuda):
         lane.close()
 
 
-def test_by_default_every_job_completes_on_the_completer_thread(fake_cuda):
+def test_with_sync_off_every_job_completes_on_the_completer_thread(fake_cuda):
     cache, slot, pool, lane = small_lane(0)
+    assert lane._sync_max_bytes == transfer.SYNC_MAX_BYTES > 0  # on by default
+    lane._sync_max_bytes = 0
     me = threading.get_ident()
     where: list[int] = []
     finished = threading.Event()
@@ -327,7 +329,7 @@ def test_a_lone_long_job_blocks_until_its_last_piece_then_spins(fake_cuda, monke
     """A job of a transfer that began on an idle path, longer than SPIN_MAX_BYTES: the
     completer blocks on an event recorded where at most SPIN_MAX_BYTES of its copies are left,
     then spins on one beside its end. Not for jobs that are not lone, nor for a save whose
-    forward still runs, nor when the lane's late_spin is off (the default until measured)."""
+    forward still runs, nor when the lane's late_spin is off."""
     waits: list[str] = []
 
     class Recorded(FakeEvent):
@@ -352,8 +354,8 @@ def test_a_lone_long_job_blocks_until_its_last_piece_then_spins(fake_cuda, monke
         return [(e.blocking, e.recorded) for e in made]
 
     cache, slot, pool, lane = small_lane(0)  # saves and short loads by the copy engines
-    assert lane._late_spin is False
-    lane._late_spin = True
+    assert lane._late_spin is True  # the default
+    lane._sync_max_bytes = 0  # these jobs are small enough to complete inline otherwise
     made.clear()  # the lane's own staging events
     try:
         monkeypatch.setattr(transfer, "SPIN_MAX_BYTES", slot)  # one block's bytes may be spun through
@@ -373,7 +375,7 @@ def test_a_lone_long_job_blocks_until_its_last_piece_then_spins(fake_cuda, monke
         lane.close()
 
     cache, slot, pool, lane = small_lane(None)  # staged: two blocks a chunk
-    lane._late_spin = True
+    lane._sync_max_bytes = 0
     made.clear(), waits.clear()  # the lane's own staging events
     try:
         src = [0, 1, 2, 3]

@@ -75,20 +75,21 @@ SPIN_MAX_BYTES = 16 << 20
 # recorded beside the job's own. The end is seen within microseconds instead of after a
 # blocking wait's wake-up (which the rest of the copy hides), and the thread holds a core for
 # the last piece only. Jobs of busy paths (bulk transfers, queued behind others) block as
-# before. Written in session 11 while no GPU machine could be had: off until measured; the
-# fake lane tests it.
-LATE_SPIN = False
+# before. On the H100 (bench/lone_latency.py, lone 64-block Llama-3-8B loads in process) the
+# host's part beyond the GPU span fell from 155 to 55 us, a save's from 283 to 166 us; the
+# server A/B (bench/e2e.py overhead and TTFT phases, two rounds each) is in bench/NOTES.md,
+# session 12.
+LATE_SPIN = True
 
 # A job of at most this many bytes that finds its path idle completes on the caller's thread:
 # it is launched, its (spinning) event waited on without the GIL, and its bookkeeping done
 # there, not handed to the completer thread, which would then have to wake the server's loop
 # to push the completion (~70-80 us a hop on the H100 host, bench/NOTES.md session 7). The
 # caller blocks for the copy: ~40 us for 2 MiB. A save whose producer event has not completed
-# (its forward still runs) never completes inline. Off (0) until measured on a GPU: written
-# in session 10, when no GPU machine could be had; tested on the CPU with the fake lane only.
-# To try it: GpuLane(..., sync_max_bytes=4 << 20), then the GPU tests and an A/B of
-# bench/e2e.py's overhead phase.
-SYNC_MAX_BYTES = 0
+# (its forward still runs) never completes inline. On the H100's server (bench/e2e.py, two
+# rounds, with LATE_SPIN) a 1-block load's overhead p50 went from 862-892 to 602-666 us, a
+# save's from 492-602 to 306-340 us (bench/NOTES.md, session 12).
+SYNC_MAX_BYTES = 4 << 20
 
 # A CPU job of at most this many pages (blocks x regions) is copied by address, one memmove
 # each (~1 us), on the caller's thread when its direction is idle: a thread hand-off and the
