@@ -736,3 +736,27 @@ def test_eviction_of_many_equal_entries_takes_exactly_the_oldest_needed():
     assert index.counters["evictions"] == 50 + 10 + 20 + 10
     assert index.lru_keys() == [("a@1", h(i)) for i in range(110, 150)] + [("b@2", h(i)) for i in range(200, 230)]
     assert index.allocator.used_bytes == 100 * S and index.stats()["pool_free"] == 0
+
+
+def test_eviction_through_mixed_sizes_reads_each_victim_once(monkeypatch):
+    """Two models' entries alternate in the LRU order (S and 2S slots): a save of 4S slots
+    evicts the oldest 40 pairs, exactly, and reads the order about once, not a shortfall's
+    worth of entries per victim (~280 ms for one 512-block save of DeepSeek-sized slots)."""
+    index = BlockIndex(300 * S, 30.0)
+    for i in range(100):
+        save(index, [i], ns="a@1")
+        save(index, [i], ns="b@2", slot=2 * S)  # the pool is full
+    read = [0]
+    real_islice = index_module.islice
+
+    def counting_islice(iterable, *args):
+        for item in real_islice(iterable, *args):
+            read[0] += 1
+            yield item
+
+    monkeypatch.setattr(index_module, "islice", counting_islice)
+    plan = save(index, range(1000, 1030), ns="c@3", slot=4 * S)
+    assert len(plan.writes) == 30 and index.counters["evictions"] == 80
+    assert index.lru_keys()[:2] == [("a@1", h(40)), ("b@2", h(40))]
+    assert index.query("a@1", [h(39)]) == 0 and index.query("b@2", [h(40)]) == 1
+    assert read[0] <= 3 * 80, read[0]
