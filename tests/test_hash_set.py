@@ -21,14 +21,12 @@ _MASK64 = (1 << 64) - 1
 
 def _homed_at(top: int, size: int, rng: random.Random) -> bytes:
     """A hash whose home row is where ``top``'s leading bits point, at any table size: random
-    words, the last one chosen so that the words fold (as ``hash_set._home`` folds them) to
+    words, the last one chosen so that all of them XOR (as ``hash_set._home`` folds them) to
     ``top`` times the inverse of the multiplier."""
     words = [rng.getrandbits(64) for _ in range(size // 8 - 1)]
-    folded = words[0] if words else 0
-    for w in words[1:]:
-        folded = ((folded * int(hash_set._GOLDEN)) & _MASK64) ^ w
-    target = (top * _INVERSE) & _MASK64
-    last = target ^ ((folded * int(hash_set._GOLDEN)) & _MASK64) if words else target
+    last = (top * _INVERSE) & _MASK64
+    for w in words:
+        last ^= w
     return b"".join(w.to_bytes(8, "little") for w in [*words, last])
 
 
