@@ -37,6 +37,8 @@ from e2e_shapes import LAYOUTS, LLAMA3_8B, SMOKE  # noqa: E402
 from e2e_worker import WorkerConfig, worker_main  # noqa: E402
 from e2e_workload import Replay, WorkloadConfig  # noqa: E402
 
+from pegaflow.engine.size import parse_size  # noqa: E402
+
 GIB = 1 << 30
 START = time.monotonic()
 
@@ -162,6 +164,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               **(dict(families=3, family_blocks=12, max_unique=4, max_decode=3, max_new=3,
                                       max_active=8) if smoke else {}))
     pool = args.pool_size or ("512kb" if smoke else f"{24 * args.tp}gb")
+    if "overhead" not in skip:
+        # Its saves of each size are all made before their loads: more than the pool holds and
+        # the first ones are evicted before they are loaded (those loads fail, recomputed).
+        n, size = overhead_n(args, smoke), max(overhead_sizes(smoke))
+        need = n * size * block_bytes * args.tp
+        if need > parse_size(pool):
+            raise SystemExit(f"--overhead-n {n}: the overhead phase saves {n} jobs of {size} blocks ({need} bytes) "
+                             f"before loading them, more than the pool ({pool}); lower --overhead-n or raise --pool-size")
     log(f"{shape.name} {args.layout} tp={args.tp}: {num_blocks} blocks of {block_bytes} bytes per rank "
         f"({num_blocks * block_bytes / GIB:.2f} GiB), pool {pool}, {'CPU smoke' if smoke else 'GPU ' + ','.join(devices)}")
     extra = (("--staging-size", args.staging_size) if args.staging_size else ()) + (
@@ -210,6 +220,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return {"rows": rows, "results": results, "summary": lines}
 
 
+def overhead_sizes(smoke: bool) -> list[int]:
+    """Blocks per job of the overhead phase: one block, and a 1K-token prompt (smoke: 4)."""
+    return [1, 4] if smoke else [1, 64]
+
+
+def overhead_n(args: argparse.Namespace, smoke: bool) -> int:
+    return args.overhead_n or (5 if smoke else 100)
+
+
 def figures(workers: Workers, args: argparse.Namespace, smoke: bool, job_blocks: int, ttft: tuple[int, ...],
             skip: set[str], block_bytes: int, block_size: int, reset: Any = None) -> dict[str, Any]:
     """The figure phases. ``reset()`` drops the instance's stored blocks (the server's reset op)."""
@@ -247,7 +266,7 @@ def figures(workers: Workers, args: argparse.Namespace, smoke: bool, job_blocks:
             # failed, 1 run in ~5 on the dev machine). The later phases save what they load.
             log(f"after the interference phase: {reset()} stored blocks dropped")
     if "overhead" not in skip:
-        arg = {"sizes": [1, 4] if smoke else [1, 64], "n": args.overhead_n or (5 if smoke else 100)}
+        arg = {"sizes": overhead_sizes(smoke), "n": overhead_n(args, smoke)}
         out["overhead"] = workers.call("overhead", arg)
         log("overhead done")
     if "ttft" not in skip:

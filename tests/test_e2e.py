@@ -94,3 +94,11 @@ def test_smoke_replay_mla_replicated():
     stats = result["results"]["replay"]["stats"]
     assert stats["mismatches"] == 0, result["results"]["replay"]["mismatches"]
     assert stats["loads_ok"] > 0 and stats["drained"]
+
+
+def test_an_overhead_phase_larger_than_the_pool_is_refused_before_anything_starts():
+    """Its saves would evict each other before their loads, which would then fail."""
+    import e2e
+
+    with pytest.raises(SystemExit, match="--overhead-n 200: the overhead phase saves 200 jobs of 4 blocks"):
+        e2e.main(["--smoke", "--overhead-n", "200"])
