@@ -35,7 +35,7 @@ if not torch.cuda.is_available():
 from common import Row, arg_parser, cuda_time_ms, gbps, print_table, write_json  # noqa: E402
 from gather_scatter import CONFIGS  # noqa: E402
 
-from pegaflow.engine import Engine, EngineConfig, InstanceSpec  # noqa: E402
+from pegaflow.engine import Engine, EngineConfig, InstanceSpec, heap  # noqa: E402
 from pegaflow.engine.config import DEFAULT_STAGING_BYTES  # noqa: E402
 from pegaflow.engine.pool import PinnedPool  # noqa: E402
 from pegaflow.engine import transfer  # noqa: E402
@@ -227,6 +227,7 @@ def main() -> None:
     log(f"engine pool {pool_bytes / GIB:.1f} GiB pinned in {time.perf_counter() - t0:.1f} s ({engine.pool.timings})")
     ceilings = Ceilings(transfer_max) if CUDA else None
     cases = [Case(engine, n, args.blocks, int(args.cache_gib * GIB), seed=i) for i, n in enumerate(names)]
+    heap.settle()  # as the server runs: no full collections over torch's objects mid-burst
     rows: list[Row] = []
 
     # Each config's ceilings are measured before each mode's runs and once at the end; every

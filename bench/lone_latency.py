@@ -36,7 +36,7 @@ sys.path[:0] = [str(_ROOT), str(_ROOT / "bench")]
 from common import Row, arg_parser, print_table, write_json  # noqa: E402
 from gather_scatter import CONFIGS  # noqa: E402
 
-from pegaflow.engine import Engine, EngineConfig, InstanceSpec  # noqa: E402
+from pegaflow.engine import Engine, EngineConfig, InstanceSpec, heap  # noqa: E402
 from pegaflow.engine import transfer  # noqa: E402
 from pegaflow.engine.transfer import LOAD, SAVE  # noqa: E402
 
@@ -93,6 +93,7 @@ def main() -> None:
         engine.register_instance(spec)
         engine.register_kv("lone", 0, cache.regions)
         lane = engine._lanes[0]
+        heap.settle()  # as the server runs
         perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
         src, dst = perm[: max(sizes)], perm[max(sizes) : 2 * max(sizes)]
         counter = [0]

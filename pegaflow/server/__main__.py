@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import signal
 import sys
@@ -105,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     from pegaflow.engine import Engine, EngineConfig, parse_size
+    from pegaflow.engine import heap
     from pegaflow.server import exposure
     from pegaflow.server.loop import LoopConfig, ServerLoop, tcp_endpoint
     from pegaflow.server.metrics import MetricsServer
@@ -144,10 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.metrics_port:
         metrics = MetricsServer(server.service, args.metrics_port, host=args.metrics_host)
         metrics.start()
-    # The index holds one object per stored block (hundreds of thousands): full collections
-    # that scan them all would stall requests. What exists now lives as long as the process.
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
+    heap.settle()  # full collections would scan torch's and numba's objects: ~0.1 s stalls
     # The loop, the launchers and the completion threads share the GIL; a thread that wants it
     # waits up to the switch interval (5 ms by default) behind one that computes. Requests'
     # p99 on the H200 host sat at ~4-4.5 ms, one interval; 0.5 ms brought it to ~1.2 ms.
