@@ -4,8 +4,8 @@ A full collection scans every tracked object: with torch and numba imported that
 objects and ~105 ms on the dev machine, a stall of every request in flight. What exists once
 the server has started (modules, the pool, the engine's threads) lives as long as the
 process, so it is frozen out of the scans; the index's entries (one per stored block) come
-and go, and a full collection of 49,000 of them then took 5.6 ms. Benchmarks of the engine in process call it too, so that they measure
-what the server does, not the collector's pauses.
+and go, and a full collection of 49,000 of them then took 5.6 ms. Benchmarks of the engine
+in process call it too, so that they measure what the server does, not the collector.
 """
 
 from __future__ import annotations

@@ -703,7 +703,8 @@ class BlockIndex:
             size = oldest.nbytes
             namespace = oldest.namespace
             taken = list(islice(lru, min(len(lru), -(-shortfall // size))))
-            if len(taken) > 1 and set(map(_nbytes_of, taken)) == {size} and set(map(_namespace_of, taken)) == {namespace}:
+            uniform = set(map(_nbytes_of, taken)) == {size} and set(map(_namespace_of, taken)) == {namespace}
+            if len(taken) > 1 and uniform:
                 _drain(map(lru.__delitem__, taken))
                 table = self._ready[namespace]  # LRU entries are READY
                 _drain(map(table.__delitem__, map(_hash_of, taken)))
