@@ -12,10 +12,11 @@ the job's end event) and their difference, the host's share. Beside them, in the
 after the same gap: one contiguous pinned copy of the same bytes (its GPU time; the row's
 ratio is that over our wall time). The lane's completion waits are compared in turns:
 
-- ``block``: jobs over ``SPIN_MAX_BYTES`` block on their event (the default);
+- ``block``: jobs over ``SPIN_MAX_BYTES`` block on their event (the lane before e10ae07);
 - ``late``:  lone long jobs block until their last piece, then spin (``transfer.LATE_SPIN``);
 - ``spin``:  every event spins (a bound for ``late``: no wake-up, a core held throughout);
-- ``sync``:  ``late``, and jobs up to 4 MiB complete on the caller's thread (``SYNC_MAX_BYTES``).
+- ``sync``:  ``late``, and jobs up to 4 MiB complete on the caller's thread (``SYNC_MAX_BYTES``;
+  the default since e10ae07).
 
     python bench/lone_latency.py --json bench/results/lone_latency-h100.json
 """
