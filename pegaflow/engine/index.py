@@ -697,6 +697,7 @@ class BlockIndex:
         save of 4.4 MiB slots evicting 0.6-0.9 MiB entries of other models took ~280 ms.)
         """
         lru = self._lru
+        ready = self._ready  # LRU entries are READY
         batch: list[Entry] = []
         while lru and shortfall > 0:
             oldest = next(iter(lru))
@@ -706,18 +707,11 @@ class BlockIndex:
             uniform = set(map(_nbytes_of, taken)) == {size} and set(map(_namespace_of, taken)) == {namespace}
             if len(taken) > 1 and uniform:
                 _drain(map(lru.__delitem__, taken))
-                table = self._ready[namespace]  # LRU entries are READY
-                _drain(map(table.__delitem__, map(_hash_of, taken)))
-                if self.compiled:
-                    self._mirror_remove(namespace, taken)
-                if not table:
-                    del self._ready[namespace]
-                    self._sets.pop(namespace, None)
-                self._count -= len(taken)
+                _drain(map(ready[namespace].__delitem__, map(_hash_of, taken)))
+                by_namespace = {namespace: taken}
                 shortfall -= size * len(taken)
             else:
-                by_namespace: dict[str, list[Entry]] = {}
-                ready = self._ready
+                by_namespace = {}
                 for i, victim in enumerate(taken):
                     if shortfall <= 0:
                         del taken[i:]
@@ -726,13 +720,13 @@ class BlockIndex:
                     del ready[victim.namespace][victim.hash]
                     by_namespace.setdefault(victim.namespace, []).append(victim)
                     shortfall -= victim.nbytes
-                self._count -= len(taken)
-                for name, victims in by_namespace.items():  # one mirror call per namespace
-                    if self.compiled:
-                        self._mirror_remove(name, victims)
-                    if not ready[name]:
-                        del ready[name]
-                        self._sets.pop(name, None)
+            self._count -= len(taken)
+            for name, victims in by_namespace.items():  # one mirror call per namespace
+                if self.compiled:
+                    self._mirror_remove(name, victims)
+                if not ready[name]:
+                    del ready[name]
+                    self._sets.pop(name, None)
             batch += taken
         return batch
 

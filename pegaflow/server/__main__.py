@@ -103,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    from pegaflow.engine import Engine, EngineConfig, parse_size
-    from pegaflow.engine import heap
+    from pegaflow.engine import Engine, EngineConfig, heap, parse_size
     from pegaflow.server import exposure
     from pegaflow.server.loop import LoopConfig, ServerLoop, tcp_endpoint
     from pegaflow.server.metrics import MetricsServer
