@@ -63,12 +63,14 @@ def engine_for(cache, mode: str, slots: int, chunk_blocks: int = 3) -> Engine:
     return engine
 
 
+@pytest.mark.parametrize("streams", [1, 3], ids=["1-dma-stream", "3-dma-streams"])
 @pytest.mark.parametrize("launcher", ["inline", "thread"])
 @pytest.mark.parametrize("mode", ["staged", "dma", "zero_copy"])
 @pytest.mark.parametrize("kind", ["LBNHC", "LBHNC", "BLNHC", "mla", "kv_first"])
-def test_round_trip_bit_exact_in_chunks(monkeypatch, mode, kind, launcher):
+def test_round_trip_bit_exact_in_chunks(monkeypatch, mode, kind, launcher, streams):
     from pegaflow.engine import transfer
 
+    monkeypatch.setattr(transfer, "DMA_STREAMS", streams)
     monkeypatch.setattr(transfer, "HEAD_CHUNKS", 1)  # 11 blocks in chunks of 3: pieces of 3, 5 and 3
     monkeypatch.setattr(transfer, "TAIL_CHUNKS", 1)
     if launcher == "thread":  # every job through the launcher thread
@@ -123,8 +125,12 @@ def test_scattered_slots_after_eviction_round_trip(mode):
         engine.close()
 
 
+@pytest.mark.parametrize("streams", [1, 3], ids=["1-dma-stream", "3-dma-streams"])
 @pytest.mark.parametrize("mode", ["staged", "dma", "zero_copy"])
-def test_save_reads_blocks_only_after_the_producer_event(mode):
+def test_save_reads_blocks_only_after_the_producer_event(monkeypatch, mode, streams):
+    from pegaflow.engine import transfer
+
+    monkeypatch.setattr(transfer, "DMA_STREAMS", streams)  # the extra streams fork after the producer wait
     cache = make_cache("LBNHC")
     engine = engine_for(cache, mode, slots=64)
     try:

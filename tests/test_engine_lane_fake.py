@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import threading
 
 import pytest
@@ -34,10 +35,11 @@ class FakeEvent:
 
 
 class FakeStream:
-    cuda_stream = 0
+    handles = itertools.count(1)
 
     def __init__(self, *args, **kwargs) -> None:
         self.waited: list[object] = []
+        self.cuda_stream = next(self.handles)
 
     def wait_event(self, event) -> None:
         self.waited.append(event)
@@ -52,7 +54,10 @@ class FakeStream:
 class FakeCopier2D:
     """cuMemcpy2DAsync on host memory: one memmove per row."""
 
+    streams: list[int] = []  # the stream handle of every copy, in order
+
     def copy(self, dst, dst_pitch, src, src_pitch, width, height, stream) -> None:
+        self.streams.append(stream)
         for i in range(height):
             ctypes.memmove(dst + i * dst_pitch, src + i * src_pitch, width)
 
@@ -66,8 +71,9 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
 
 
-def make_lane(pool: torch.Tensor, staging_bytes: int, zero_copy: bool, dma_min_row: int | None = None) -> GpuLane:
-    lane = GpuLane(0, pool, staging_bytes, zero_copy, dma_min_row)
+def make_lane(pool: torch.Tensor, staging_bytes: int, zero_copy: bool, dma_min_row: int | None = None,
+              dma_streams: int = 1) -> GpuLane:
+    lane = GpuLane(0, pool, staging_bytes, zero_copy, dma_min_row, dma_streams=dma_streams)
     lane._copier = reference
     lane._dma = lambda dst, src, nbytes, stream: ctypes.memmove(dst, src, nbytes)  # host memory: a plain copy
     for path in lane._paths.values():
@@ -388,3 +394,52 @@ def test_a_lone_long_job_blocks_until_its_last_piece_then_spins(fake_cuda, monke
         assert job(lane, slot, cache, LOAD, [4, 5], [0, slot]) == [(True, 0), (False, 1)]  # one chunk
     finally:
         lane.close()
+
+
+@pytest.mark.parametrize("layout", ["LBNHC", "BLNHC"])
+def test_dma_copies_go_round_robin_over_the_paths_streams_and_join_its_own(fake_cuda, monkeypatch, layout):
+    """With dma_streams 3 a job's direct copies (2D rows for layer-first caches, whole-block
+    runs for block-first ones) alternate over the path's three streams, which fork from its
+    DMA stream and join back into it before the job's event; a one-block job stays on the
+    DMA stream. The bytes land as with one stream."""
+    copies: list[int] = []
+    monkeypatch.setattr(FakeCopier2D, "streams", copies)
+    cache = allocate_attention_kv_cache(layout, num_layers=3, num_blocks=32, num_kv_heads=2, head_size=8,
+                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
+    cache.regions.regions[0].owner.view(torch.int16).random_()
+    slot = cache.regions.block_bytes
+    pool = torch.zeros(40 * slot, dtype=torch.uint8)
+    lane = make_lane(pool, 64 * slot, False, 0, dma_streams=3)
+    whole = layout == "BLNHC"
+    if whole:  # whole-block runs: record each 1D copy's stream instead
+        lane._dma = lambda dst, src, nbytes, stream: (copies.append(stream), ctypes.memmove(dst, src, nbytes))
+    try:
+        for direction in (SAVE, LOAD):
+            path = lane._paths[direction]
+            handles = [path.dma.cuda_stream] + [s.cuda_stream for s in path.more_dma]
+            assert len(set(handles)) == 3
+            src, slots = [5, 0, 31, 7, 8, 9, 2], [3, 9, 5, 12, 11, 0, 39]  # no two consecutive: seven copies
+            if direction == SAVE:
+                expected = [block_bytes(cache, b).clone() for b in src]
+                ids = src
+            else:
+                ids = [10, 11, 12, 13, 14, 15, 16]
+            copies.clear()
+            assert run(lane, direction, cache.regions, ids, [s * slot for s in slots], slot) == (True, None)
+            assert copies == [handles[i % 3] for i in range(7)]
+            assert all(path.fork in s.waited for s in path.more_dma)
+            assert path.dma.waited[-2:] == path.join
+            copies.clear()
+            one = [slots[0] * slot]
+            assert run(lane, direction, cache.regions, ids[:1], one, slot) == (True, None)
+            assert copies == [handles[0]]
+        for s, b, data in zip(slots, [10, 11, 12, 13, 14, 15, 16], expected):
+            assert torch.equal(pool[s * slot : (s + 1) * slot], data)
+            assert torch.equal(block_bytes(cache, b), data)
+    finally:
+        lane.close()
+
+
+def test_lane_refuses_no_dma_streams(fake_cuda):
+    with pytest.raises(ValueError, match="dma_streams"):
+        make_lane(torch.zeros(64, dtype=torch.uint8), 64, False, 0, dma_streams=0)

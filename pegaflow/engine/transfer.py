@@ -63,6 +63,12 @@ TAIL_CHUNKS = 2
 # 53.8 for one copy of the same bytes). Consecutive blocks in consecutive slots go as one copy.
 WHOLE_BLOCK_DMA_BYTES = 256 << 10
 
+# The copy engine spends ~3 us on each copy before its bytes flow (see WHOLE_BLOCK_DMA_BYTES):
+# a 64-block load of 2D copies ran ~330 us past one contiguous copy of the same bytes on the
+# H100. The copies of one job go round robin over this many streams of its path, so that
+# several copy engines overlap each other's starts. bench/dma_streams.py measures it.
+DMA_STREAMS = 1
+
 # Completion events of jobs up to this size spin-wait (about 0.3 ms of copy at most); larger
 # jobs' block. Measured on the H200 (bench/roundtrip.py --profile, 1-block jobs): spinning
 # events took 40-120 us off a save's or a load's round trip.
@@ -348,11 +354,17 @@ class CpuLane:
 class _Path:
     """One direction of a GPU lane: its streams, staging buffers, launcher and completer."""
 
-    def __init__(self, direction: str, device: torch.device, staging_bytes: int) -> None:
+    def __init__(self, direction: str, device: torch.device, staging_bytes: int, dma_streams: int = 1) -> None:
         self.direction = direction
         self.device = device
         self.sm = torch.cuda.Stream(device)
         self.dma = torch.cuda.Stream(device)
+        # More streams for a job's direct copies (DMA_STREAMS): forked from and joined back
+        # into ``dma`` by these events, reused under the launch lock (a wait binds to the
+        # record before it).
+        self.more_dma = [torch.cuda.Stream(device) for _ in range(dma_streams - 1)]
+        self.fork = torch.cuda.Event()
+        self.join = [torch.cuda.Event() for _ in self.more_dma]
         self.half = max(1, staging_bytes // 2)
         self.staging: list[torch.Tensor] = []
         # ready[b]: buffer b's producer finished; free[b]: its consumer finished (reusable).
@@ -387,7 +399,10 @@ class GpuLane:
 
     def __init__(self, device: int, pool: torch.Tensor, staging_bytes: int, zero_copy: bool,
                  dma_min_row: int | None = None, sync_max_bytes: int = SYNC_MAX_BYTES,
-                 late_spin: bool = LATE_SPIN) -> None:
+                 late_spin: bool = LATE_SPIN, dma_streams: int | None = None) -> None:
+        dma_streams = DMA_STREAMS if dma_streams is None else dma_streams
+        if dma_streams < 1:
+            raise ValueError(f"dma_streams must be at least 1, got {dma_streams}")
         self.device = torch.device("cuda", device)
         self._sync_max_bytes = sync_max_bytes
         self._late_spin = late_spin  # False: lone long jobs block like the others
@@ -402,7 +417,7 @@ class GpuLane:
         self._copy_2d = {d: dma.Copier2D().copy for d in (SAVE, LOAD)} if self._dma_min_row is not None else {}
         self._plans: dict[tuple, tuple[dma.Rows, ...] | None] = {}  # by KVRegions.geometry
         with torch.cuda.device(self.device):
-            self._paths = {d: _Path(d, self.device, staging_bytes) for d in (SAVE, LOAD)}
+            self._paths = {d: _Path(d, self.device, staging_bytes, dma_streams) for d in (SAVE, LOAD)}
 
     def head_blocks(self, direction: str, slot_bytes: int) -> int | None:
         """HEAD_CHUNKS staging chunks' worth of blocks if the path is idle (the engine then
@@ -631,33 +646,50 @@ class GpuLane:
         """Each block's pages straight to (from) its slot, one 2D copy per row set: no SM work."""
         self._check_slots(job)
         stride = job.kv.regions[0].block_stride
-        pool, stream = self._pool.data_ptr(), path.dma.cuda_stream
+        pool = self._pool.data_ptr()
         copy_2d, copy_1d = self._copy_2d[job.direction], self._dma
         save = job.direction == SAVE
         if save:
             _wait_for_producer(job, path.dma)
+        more = path.more_dma if len(job.block_ids) > 1 else []
+        if more:
+            path.fork.record(path.dma)
+            for s in more:
+                s.wait_event(path.fork)
+        handles = [path.dma.cuda_stream] + [s.cuda_stream for s in more]
+        try:
+            self._dma_enqueue(path, job, plan, near, handles, pool, stride, save, copy_1d, copy_2d)
+        finally:  # copies enqueued before a failure still join the job's stream
+            for s, e in zip(more, path.join):
+                e.record(s)
+                path.dma.wait_event(e)
+
+    def _dma_enqueue(self, path: _Path, job: CopyJob, plan: tuple[dma.Rows, ...], near: _Near | None,
+                     handles: list[int], pool: int, stride: int, save: bool, copy_1d, copy_2d) -> None:
+        n = len(handles)
         if len(plan) == 1 and plan[0].contiguous and plan[0].dst == 0 and plan[0].run_bytes == stride == job.slot_bytes:
             # Each block fills its stride and its slot: consecutive blocks in consecutive slots
             # are one run on both sides, one copy.
             base, size = plan[0].src, job.slot_bytes
             left = len(job.block_ids) * size  # bytes not yet enqueued
-            for b, off, n in block_runs(job.block_ids, job.offsets, size):
+            for i, (b, off, count) in enumerate(block_runs(job.block_ids, job.offsets, size)):
                 if near is not None and left <= SPIN_MAX_BYTES:
                     near.mark(path.dma)
-                left -= n * size
-                kv, slot = base + b * stride, pool + off
+                left -= count * size
+                kv, slot, stream = base + b * stride, pool + off, handles[i % n]
                 if save:
-                    copy_1d(slot, kv, n * size, stream)
+                    copy_1d(slot, kv, count * size, stream)
                 else:
-                    copy_1d(kv, slot, n * size, stream)
+                    copy_1d(kv, slot, count * size, stream)
             return
         left = len(job.block_ids) * sum(r.width * r.height for r in plan)
         for rows in plan:
             step = rows.width * rows.height
-            for b, off in zip(job.block_ids, job.offsets):
+            for i, (b, off) in enumerate(zip(job.block_ids, job.offsets)):
                 if near is not None and left <= SPIN_MAX_BYTES:
                     near.mark(path.dma)
                 left -= step
+                stream = handles[i % n]
                 kv, slot = rows.src + b * stride, pool + off + rows.dst
                 dst, dst_pitch, src, src_pitch = (
                     (slot, rows.dst_pitch, kv, rows.src_pitch) if save else (kv, rows.src_pitch, slot, rows.dst_pitch))
