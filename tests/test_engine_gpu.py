@@ -104,8 +104,12 @@ def _blocks_of_buffer(cache, buffer: torch.Tensor, ids) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("streams", [1, 3], ids=["1-dma-stream", "3-dma-streams"])
 @pytest.mark.parametrize("mode", ["staged", "dma", "zero_copy"])
-def test_scattered_slots_after_eviction_round_trip(mode):
+def test_scattered_slots_after_eviction_round_trip(monkeypatch, mode, streams):
+    from pegaflow.engine import transfer
+
+    monkeypatch.setattr(transfer, "DMA_STREAMS", streams)  # one-block saves: rows split over the streams
     cache = make_cache("LBNHC")
     engine = engine_for(cache, mode, slots=8)
     try:
@@ -121,6 +125,8 @@ def test_scattered_slots_after_eviction_round_trip(mode):
         assert result.ok and result.num_blocks == 4 and engine.stats()["evictions"] == 4
         assert engine.load("vllm-0", 0, [30, 31, 32, 33], new).wait(30).ok
         assert same(blocks(cache, [30, 31, 32, 33]), expected)
+        assert engine.load("vllm-0", 0, [40], first[3:4]).wait(30).ok  # a one-block load (kept: 3 was queried)
+        assert same(blocks(cache, [40]), blocks(cache, [3]))
     finally:
         engine.close()
 

@@ -400,8 +400,9 @@ def test_a_lone_long_job_blocks_until_its_last_piece_then_spins(fake_cuda, monke
 def test_dma_copies_go_round_robin_over_the_paths_streams_and_join_its_own(fake_cuda, monkeypatch, layout):
     """With dma_streams 3 a job's direct copies (2D rows for layer-first caches, whole-block
     runs for block-first ones) alternate over the path's three streams, which fork from its
-    DMA stream and join back into it before the job's event; a one-block job stays on the
-    DMA stream. The bytes land as with one stream."""
+    DMA stream and join back into it before the job's event. A one-block job's rows are split
+    over the streams (a whole-block run stays one copy on the DMA stream). The bytes land as
+    with one stream."""
     copies: list[int] = []
     monkeypatch.setattr(FakeCopier2D, "streams", copies)
     cache = allocate_attention_kv_cache(layout, num_layers=3, num_blocks=32, num_kv_heads=2, head_size=8,
@@ -430,12 +431,13 @@ def test_dma_copies_go_round_robin_over_the_paths_streams_and_join_its_own(fake_
             assert all(path.fork in s.waited for s in path.more_dma)
             assert path.dma.waited[-2:] == path.join
             copies.clear()
-            one = [slots[0] * slot]
-            assert run(lane, direction, cache.regions, ids[:1], one, slot) == (True, None)
-            assert copies == [handles[0]]
+            one = [39 * slot]  # block 2's slot; loaded into block 20
+            assert run(lane, direction, cache.regions, [2] if direction == SAVE else [20], one, slot) == (True, None)
+            assert copies == ([handles[0]] if whole else handles)  # 3 rows: one per stream
         for s, b, data in zip(slots, [10, 11, 12, 13, 14, 15, 16], expected):
             assert torch.equal(pool[s * slot : (s + 1) * slot], data)
             assert torch.equal(block_bytes(cache, b), data)
+        assert torch.equal(block_bytes(cache, 20), expected[-1])
     finally:
         lane.close()
 

@@ -198,6 +198,12 @@ def block_runs(block_ids: list[int], offsets: list[int], slot_bytes: int) -> lis
     return [(block_ids[a], offsets[a], b - a) for a, b in zip(starts, ends)]
 
 
+def _whole_run(plan: tuple[dma.Rows, ...], block_stride: int, slot_bytes: int) -> bool:
+    """Each block fills its stride in the KV cache and its slot in the pool: one run each."""
+    return (len(plan) == 1 and plan[0].contiguous and plan[0].dst == 0
+            and plan[0].run_bytes == block_stride == slot_bytes)
+
+
 def _whole_blocks(plan: tuple[dma.Rows, ...], min_bytes: int) -> bool:
     """Each block is one contiguous run of at least ``min_bytes``."""
     return len(plan) == 1 and plan[0].contiguous and plan[0].run_bytes >= min_bytes
@@ -651,25 +657,24 @@ class GpuLane:
         save = job.direction == SAVE
         if save:
             _wait_for_producer(job, path.dma)
-        more = path.more_dma if len(job.block_ids) > 1 else []
+        whole = _whole_run(plan, stride, job.slot_bytes)
+        more = path.more_dma if len(job.block_ids) > 1 or not whole else []
         if more:
             path.fork.record(path.dma)
             for s in more:
                 s.wait_event(path.fork)
         handles = [path.dma.cuda_stream] + [s.cuda_stream for s in more]
         try:
-            self._dma_enqueue(path, job, plan, near, handles, pool, stride, save, copy_1d, copy_2d)
+            self._dma_enqueue(path, job, plan, near, handles, pool, stride, save, whole, copy_1d, copy_2d)
         finally:  # copies enqueued before a failure still join the job's stream
             for s, e in zip(more, path.join):
                 e.record(s)
                 path.dma.wait_event(e)
 
     def _dma_enqueue(self, path: _Path, job: CopyJob, plan: tuple[dma.Rows, ...], near: _Near | None,
-                     handles: list[int], pool: int, stride: int, save: bool, copy_1d, copy_2d) -> None:
+                     handles: list[int], pool: int, stride: int, save: bool, whole: bool, copy_1d, copy_2d) -> None:
         n = len(handles)
-        if len(plan) == 1 and plan[0].contiguous and plan[0].dst == 0 and plan[0].run_bytes == stride == job.slot_bytes:
-            # Each block fills its stride and its slot: consecutive blocks in consecutive slots
-            # are one run on both sides, one copy.
+        if whole:  # consecutive blocks in consecutive slots are one run on both sides, one copy
             base, size = plan[0].src, job.slot_bytes
             left = len(job.block_ids) * size  # bytes not yet enqueued
             for i, (b, off, count) in enumerate(block_runs(job.block_ids, job.offsets, size)):
@@ -683,20 +688,29 @@ class GpuLane:
                     copy_1d(kv, slot, count * size, stream)
             return
         left = len(job.block_ids) * sum(r.width * r.height for r in plan)
+        c = 0  # copies enqueued: the next goes to handles[c % n]
         for rows in plan:
             step = rows.width * rows.height
-            for i, (b, off) in enumerate(zip(job.block_ids, job.offsets)):
+            # Fewer blocks than streams: each block's rows are split over the streams.
+            parts = 1 if rows.contiguous or len(job.block_ids) >= n else min(n, rows.height)
+            for b, off in zip(job.block_ids, job.offsets):
                 if near is not None and left <= SPIN_MAX_BYTES:
                     near.mark(path.dma)
                 left -= step
-                stream = handles[i % n]
                 kv, slot = rows.src + b * stride, pool + off + rows.dst
-                dst, dst_pitch, src, src_pitch = (
-                    (slot, rows.dst_pitch, kv, rows.src_pitch) if save else (kv, rows.src_pitch, slot, rows.dst_pitch))
                 if rows.contiguous:
-                    copy_1d(dst, src, rows.run_bytes, stream)
-                else:
-                    copy_2d(dst, dst_pitch, src, src_pitch, rows.width, rows.height, stream)
+                    dst, src = (slot, kv) if save else (kv, slot)
+                    copy_1d(dst, src, rows.run_bytes, handles[c % n])
+                    c += 1
+                    continue
+                for j in range(parts):
+                    first, end = rows.height * j // parts, rows.height * (j + 1) // parts
+                    k, h = kv + first * rows.src_pitch, slot + first * rows.dst_pitch
+                    if save:
+                        copy_2d(h, rows.dst_pitch, k, rows.src_pitch, rows.width, end - first, handles[c % n])
+                    else:
+                        copy_2d(k, rows.src_pitch, h, rows.dst_pitch, rows.width, end - first, handles[c % n])
+                    c += 1
 
     def _staged_load(self, path: _Path, job: CopyJob, near: _Near | None = None) -> None:
         self._check_slots(job)
