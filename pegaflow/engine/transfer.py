@@ -63,10 +63,14 @@ TAIL_CHUNKS = 2
 # 53.8 for one copy of the same bytes). Consecutive blocks in consecutive slots go as one copy.
 WHOLE_BLOCK_DMA_BYTES = 256 << 10
 
-# The copy engine spends ~3 us on each copy before its bytes flow (see WHOLE_BLOCK_DMA_BYTES):
-# a 64-block load of 2D copies ran ~330 us past one contiguous copy of the same bytes on the
-# H100. The copies of one job go round robin over this many streams of its path, so that
-# several copy engines overlap each other's starts. bench/dma_streams.py measures it.
+# The copies of one direct (2D DMA) job go round robin over this many streams of its path, so
+# that several copy engines could overlap each copy's start (~3 us, see WHOLE_BLOCK_DMA_BYTES);
+# a job of fewer blocks than streams splits each block's rows over them. Not shown to help, so
+# off: on one H100 (2026-12-07, bench/dma_streams.py) 640-block Llama-3-8B loads after an idle
+# gap reached 0.902 / 0.910 of a contiguous copy on 1 / 2 streams, 256-block saves 0.916 /
+# 0.915 on 2 / 4 (rows split over 2 / 4 streams: 0.855 / 0.764), and the end-to-end overhead
+# and TTFT figures of 1, 2 and 4 streams differed by less than the host's run-to-run spread
+# (bench/NOTES.md, session 13). The lone one-block split is yet to be measured alone.
 DMA_STREAMS = 1
 
 # Completion events of jobs up to this size spin-wait (about 0.3 ms of copy at most); larger
