@@ -3,7 +3,8 @@
 The server runs with stamps patched in at start-up (``bench/timeline_site/sitecustomize.py``:
 the loop's receive and sends, the deferred start, the engine call, the GPU lane's launch and
 completion wait, the completion callback); the client here is the connector's worker side (as
-in bench/e2e.py) on a Llama-3-8B LBNHC cache. Saves, then loads, of 1 and 64 blocks, one at a
+in bench/e2e.py; it sends transfers without waiting for an acceptance, which the server then
+does not send) on a Llama-3-8B LBNHC cache. Saves, then loads, of 1 and 64 blocks, one at a
 time, each after an idle gap (as a request finds the server). Both processes stamp
 CLOCK_MONOTONIC, so the steps line up; medians in microseconds.
 
@@ -32,9 +33,8 @@ from common import Row, arg_parser, print_table, write_json  # noqa: E402
 # call's return and the completion's arrival; "x:last" is the last stamp x within the request.
 STEPS = (
     ("call -> server has the message", "t0", "serve0"),
-    ("message -> reply sends", "serve0", "reply"),
-    ("reply sends -> call returns", "reply", "call"),
-    ("reply -> engine call", "reply", "engine0"),
+    ("call returns (transfers are sent without waiting for a reply)", "t0", "call"),
+    ("message -> engine call", "serve0", "engine0"),
     ("engine call -> launch (booking)", "engine0", "launch0"),
     ("launch (enqueue the copies)", "launch0", "launch1"),
     ("copy wait", "complete0", "complete1"),
@@ -66,7 +66,9 @@ def main() -> None:
         saved_env = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # the server process inherits them; this one is already running
         try:
-            server = ServerProcess(pool_size="64mb" if args.cpu else "8gb", device="cpu" if args.cpu else "0",
+            # Every save of a size is made before its loads: the pool holds them all, and half again.
+            pool_mb = max(64, 3 * args.n * max(sizes) * LLAMA3_8B.block_bytes("LBNHC", 1) // (2 << 20))
+            server = ServerProcess(pool_size=f"{pool_mb}mb", device="cpu" if args.cpu else "0",
                                    client_timeout=60.0, ready_timeout_s=180.0)
         finally:
             for k, v in saved_env.items():

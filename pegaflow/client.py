@@ -24,7 +24,9 @@ while save, load and register_kv_caches raise ``PegaServerError("no_session")``:
 registration is gone and the caller must register again.
 
 Completions of saves and loads are pushed by the server on the same socket; any call, and
-:meth:`PegaClient.poll_completions`, collects them.
+:meth:`PegaClient.poll_completions`, collects them. ``save(..., wait=False)`` and
+``load(..., wait=False)`` return once sent, without waiting for the acceptance (the server
+sends none): a refusal then arrives as a failed completion carrying the server's ``code``.
 
 Thread-safety: one lock serialises every call on a client, so threads may share one.
 A save or load whose acceptance timed out may still run if the server was only slow: keep
@@ -88,6 +90,12 @@ class Completion:
     skipped: tuple[int, ...] = ()
     missing: tuple[int, ...] = ()
     error: str | None = None
+    code: str | None = None  # a transfer sent with wait=False: the server's error code, or ABANDONED
+
+
+# Completion.code of a transfer sent with wait=False whose outcome the client can no longer
+# learn (its connection or session was replaced): it may still run on the server.
+ABANDONED = "abandoned"
 
 
 def default_endpoint() -> str:
@@ -142,6 +150,10 @@ class PegaClient:
         self._down_until = 0.0
         self._backoff = _BACKOFF_START_S
         self._completions: list[Completion] = []
+        # Transfers sent by _post whose completion has not arrived: request id -> (job id,
+        # kind), and job id -> request id.
+        self._posted: dict[int, tuple[int, str]] = {}
+        self._posted_jobs: dict[int, int] = {}
         self._packer = msgpack.Packer(use_bin_type=True)
         self._rcvtimeo = -1
         self._shared: dict[tuple[str, int], Any] = {}  # storages shared with the server: keep them alive
@@ -217,9 +229,10 @@ class PegaClient:
         return self._call({"op": "query", "instance_id": instance_id, "hashes": blob, "hash_bytes": hash_bytes})["hits"]
 
     def save(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
-             hashes: Sequence[bytes], event: Any = None) -> None:
+             hashes: Sequence[bytes], event: Any = None, wait: bool = True) -> None:
         """Start saving blocks; returns once accepted. ``event``: an interprocess CUDA event
-        (or its IPC handle) recorded after the forward that wrote the blocks."""
+        (or its IPC handle) recorded after the forward that wrote the blocks. ``wait=False``:
+        returns once sent, and a refusal arrives as a failed completion (see :meth:`_post`)."""
         ids = _id_list(block_ids)
         blob, size = _hash_blob(hashes, len(ids))
         msg = {"op": "save", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
@@ -230,15 +243,17 @@ class PegaClient:
 
                 event = share_event(event)
             msg["event"] = bytes(event)
-        self._call(msg)
+        self._call(msg) if wait else self._post(msg)
 
     def load(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
-             hashes: Sequence[bytes]) -> None:
-        """Start loading blocks ``hashes`` into ``block_ids``; returns once accepted."""
+             hashes: Sequence[bytes], wait: bool = True) -> None:
+        """Start loading blocks ``hashes`` into ``block_ids``; returns once accepted
+        (``wait=False``: once sent, see :meth:`_post`)."""
         ids = _id_list(block_ids)
         blob, size = _hash_blob(hashes, len(ids))
-        self._call({"op": "load", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
-                    "hashes": blob, "hash_bytes": size})
+        msg = {"op": "load", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
+               "hashes": blob, "hash_bytes": size}
+        self._call(msg) if wait else self._post(msg)
 
     def poll_completions(self, timeout_s: float = 0.0) -> list[Completion]:
         """Completions received so far; waits up to ``timeout_s`` for one if there are none."""
@@ -322,9 +337,12 @@ class PegaClient:
         self.server_info = {k: v for k, v in reply.items() if k not in ("id", "ok", "lost_jobs")}
         self._need_hello = False
         for job_id in reply.get("lost_jobs") or ():
+            self._posted.pop(self._posted_jobs.pop(int(job_id), -1), None)
             self._completions.append(Completion(
                 job_id=int(job_id), kind="", ok=False,
                 error="session expired on the server (this client was silent too long): job abandoned"))
+        if not reply.get("resumed", False):  # a new session: the old one's transfers will not complete
+            self._abandon_posted("the server's session was replaced before this transfer completed")
         if not reply.get("resumed", False):
             logger.info("session opened with %s (server %s)", self.endpoint, reply.get("server"))
         if self._heartbeat_enabled and self._hb_thread is None:
@@ -334,10 +352,30 @@ class PegaClient:
             self._hb_thread.start()
         return reply
 
-    def _request(self, msg: dict[str, Any], deadline: float, now: float | None = None) -> dict[str, Any]:
-        """Send ``msg`` and return its reply. ``now``: the caller's clock reading, if it has one."""
-        if now is None:
+    def _post(self, msg: dict[str, Any]) -> None:
+        """Send a save or load that asks for no reply when accepted (``"ack": False``): the
+        caller neither waits for the server nor wakes for its reply. A refusal comes back as
+        an error reply, turned here into a failed :class:`Completion` with the server's
+        ``code`` (``no_session`` also makes the next call say hello again). If the socket is
+        replaced before the job's completion arrives, the job is reported failed, as a call
+        that timed out would have raised (its blocks may still be in use: see the module
+        docstring)."""
+        with self._lock:
+            if self._closed:
+                raise PegaClientError("client is closed")
             now = _monotonic()
+            deadline = now + self.timeout_s
+            if self._need_hello:
+                self._hello(deadline)
+                now = _monotonic()
+            msg["ack"] = False
+            job = (int(msg["job_id"]), str(msg["op"]))
+            request_id = self._send(msg, deadline, now)[1]
+            self._posted[request_id] = job
+            self._posted_jobs[job[0]] = request_id
+
+    def _send(self, msg: dict[str, Any], deadline: float, now: float) -> tuple[zmq.Socket, int, float]:
+        """Send ``msg`` under a fresh request id: (socket, request id, clock reading)."""
         if now < self._down_until:
             raise PegaTimeoutError(
                 f"server {self.endpoint} did not answer recently; retrying in {self._down_until - now:.2f} s"
@@ -358,6 +396,11 @@ class PegaClient:
             except zmq.Again:
                 self._fail(f"could not send to {self.endpoint}")
             now = _monotonic()
+        return sock, request_id, now
+
+    def _request(self, msg: dict[str, Any], deadline: float, now: float | None = None) -> dict[str, Any]:
+        """Send ``msg`` and return its reply. ``now``: the caller's clock reading, if it has one."""
+        sock, request_id, now = self._send(msg, deadline, _monotonic() if now is None else now)
         # From the clock reading taken before the send (microseconds ago, inside the 1 ms rounding
         # up): for one client timeout this is the same value every call, so RCVTIMEO is set once.
         remaining_ms = int((deadline - now) * 1000) + 1
@@ -394,7 +437,19 @@ class PegaClient:
         if type(reply) is not dict:
             return None
         if reply.get("op") == "completion":
-            self._completions.append(_completion(reply))
+            done = _completion(reply)
+            if self._posted_jobs:
+                self._posted.pop(self._posted_jobs.pop(done.job_id, -1), None)
+            self._completions.append(done)
+            return None
+        if self._posted and reply.get("id") in self._posted:  # a refused transfer sent by _post
+            job_id, kind = self._posted.pop(reply["id"])
+            self._posted_jobs.pop(job_id, None)
+            code = str(reply.get("code"))
+            if code == NO_SESSION:
+                self._need_hello = True
+            self._completions.append(Completion(job_id=job_id, kind=kind, ok=False, code=code,
+                                                error=f"{code}: {reply.get('message')}"))
             return None
         return reply
 
@@ -445,10 +500,18 @@ class PegaClient:
             finally:
                 self._socket.close()
                 self._socket = None
+                self._abandon_posted("the connection to the server was replaced before this transfer completed")
         self._need_hello = True
         self._down_until = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)
         raise PegaTimeoutError(message)
+
+    def _abandon_posted(self, why: str) -> None:
+        """Report every posted transfer still waiting for its completion failed (code ``abandoned``)."""
+        for job_id, kind in self._posted.values():
+            self._completions.append(Completion(job_id=job_id, kind=kind, ok=False, error=why, code=ABANDONED))
+        self._posted.clear()
+        self._posted_jobs.clear()
 
     def _heartbeats(self, interval: float) -> None:
         sock = self._ctx.socket(zmq.DEALER)
@@ -477,6 +540,6 @@ def _completion(msg: dict[str, Any]) -> Completion:
         job_id=int(msg.get("job_id", -1)), kind=str(msg.get("kind", "")), ok=bool(msg.get("ok")),
         num_blocks=int(msg.get("num_blocks", 0)), nbytes=int(msg.get("nbytes", 0)),
         skipped=tuple(msg.get("skipped") or ()), missing=tuple(msg.get("missing") or ()),
-        error=msg.get("error"),
+        error=msg.get("error"), code=None,
     )
     return done

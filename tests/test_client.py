@@ -8,6 +8,7 @@ import threading
 
 import msgpack
 import pytest
+import torch
 import zmq
 
 from pegaflow.client import DEFAULT_ENDPOINT, PegaClient, PegaServerError, PegaTimeoutError, default_endpoint
@@ -247,3 +248,82 @@ def test_health_reply_is_trimmed_and_rcvtimeo_set_once():
             client._socket = sock
         client.close()
         fake.close()
+
+
+def test_transfers_sent_without_waiting_report_refusals_as_failed_completions():
+    """wait=False: the message says "ack": false and the call returns once sent; an error reply
+    becomes a failed completion with the server's code (no_session also renews the session);
+    a completion clears the job; a replaced socket reports the jobs still open as abandoned."""
+    state = {"sessions": 0}
+
+    def script(request):
+        if request["op"] == "hello":
+            state["sessions"] += 1
+            return [hello_reply(request)]
+        if request["op"] in ("save", "load"):
+            assert request["ack"] is False
+            job = request["job_id"]
+            if job == 1:
+                return [{"op": "completion", "job_id": 1, "kind": "load", "ok": True, "num_blocks": 1}]
+            if job == 2:
+                return [{"id": request["id"], "ok": False, "code": P.OUT_OF_RANGE, "message": "block 9"}]
+            if job == 3:
+                return [{"id": request["id"], "ok": False, "code": P.NO_SESSION, "message": "send hello first"}]
+            return []  # job 4: accepted, its completion never comes
+        if request["op"] == "health" and state.pop("wedge", False):
+            return []
+        return [{"id": request["id"], "ok": True, "status": "ok"}]
+
+    fake = FakeServer(script)
+    client = PegaClient(fake.endpoint, timeout_s=1.0, heartbeat=False)
+    try:
+        client.load("i", 0, 1, [0], hashes(1), wait=False)
+        client.save("i", 0, 2, [9], hashes(1), wait=False)
+        client.load("i", 0, 3, [1], hashes(1), wait=False)
+        got = {}
+        while len(got) < 3:
+            for done in client.poll_completions(timeout_s=1.0):
+                got[done.job_id] = done
+        assert got[1].ok and got[1].code is None
+        assert not got[2].ok and got[2].kind == "save" and got[2].code == P.OUT_OF_RANGE and "block 9" in got[2].error
+        assert not got[3].ok and got[3].code == P.NO_SESSION
+        assert client._posted == {} and client._posted_jobs == {}
+        client.load("i", 0, 4, [2], hashes(1), wait=False)  # no_session above: hello again first
+        assert state["sessions"] == 2 and list(client._posted_jobs) == [4]
+        state["wedge"] = True
+        with pytest.raises(PegaTimeoutError):  # the socket is replaced: job 4's outcome is unknown
+            client.health()
+        (abandoned,) = client.poll_completions()
+        assert abandoned.job_id == 4 and not abandoned.ok and abandoned.code == "abandoned"
+        assert client._posted == {}
+    finally:
+        client.close()
+        fake.close()
+
+
+def test_the_server_answers_a_transfer_sent_without_waiting_by_its_completion_alone():
+    server = ServerProcess(pool_size="8mb")
+    client = PegaClient(server.ipc, timeout_s=10.0)
+    seen: list[dict] = []  # every message the client reads
+    parse = client._parse
+    client._parse = lambda frame: (seen.append(msgpack.unpackb(frame, raw=False)), parse(frame))[1]
+    try:
+        cache = new_instance(client)
+        register(client, cache)
+        expected = [cache.block(0), cache.block(1)]
+        held = hashes(2)
+        seen.clear()
+        client.save(cache.instance_id, 0, 1, [0, 1], held, wait=False)
+        assert wait_completion(client, 1).ok
+        cache.refill()  # fresh bytes: the load must bring the saved ones back
+        client.load(cache.instance_id, 0, 2, [0, 1], held, wait=False)
+        assert wait_completion(client, 2).ok
+        assert torch.equal(cache.block(0), expected[0]) and torch.equal(cache.block(1), expected[1])
+        client.load(cache.instance_id, 0, 3, [10**6], held[:1], wait=False)  # out of range: refused
+        done = wait_completion(client, 3)
+        assert not done.ok and done.code == P.OUT_OF_RANGE
+        assert [m.get("op", "reply") for m in seen] == ["completion", "completion", "reply"]
+        assert seen[-1]["ok"] is False and client._posted == {}
+    finally:
+        client.close()
+        server.stop()

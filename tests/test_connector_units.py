@@ -472,3 +472,56 @@ def test_a_save_whose_event_cannot_be_shared_is_reported_failed_not_raised():
     meta = worker.take_worker_meta()
     assert calls == ["discard"] and meta.saves_done == {5: 1} and meta.saves_failed == 1
     assert meta.blocks_skipped == 2 and not worker.has_pending()
+
+
+def test_transfers_go_without_waiting_and_their_refusals_come_back_as_completions():
+    """The worker sends saves and loads with wait=False; a refusal arrives as a completion with
+    the server's code: the load fails (vLLM recomputes), a lost registration is noted (the next
+    transfer registers again), and a refused or abandoned save's event is discarded, not reused."""
+    from pegaflow.client import ABANDONED, Completion
+    from pegaflow.connector.worker_side import ConnectorWorker, InstanceGeometry
+
+    sent: list[tuple[str, dict]] = []
+    pending: list[Completion] = []
+
+    def poll(timeout_s=0.0):
+        out = list(pending)
+        pending.clear()
+        return out
+
+    client = SimpleNamespace(load=lambda *a, **k: sent.append(("load", k)), save=lambda *a, **k: sent.append(("save", k)),
+                             poll_completions=poll, close=lambda: None)
+    settings = ConnectorSettings(instance_id="i")
+    worker = ConnectorWorker(settings, EngineLink(settings, "test", client_factory=lambda s: client),
+                             InstanceGeometry("i", "m", "auto", "LBNHC", BS, 1, False), rank=0)
+    worker._registered = True  # as after register_kv_caches
+    events: list[str] = []
+
+    class Events:
+        def handle(self, event):
+            return b"h"
+
+        def release(self, event):
+            events.append("release")
+
+        def discard(self, event):
+            events.append("discard")
+
+    worker._events = Events()
+    worker._submit_load(LoadJob(1, "r1", (0,), (b"a" * 32,)))
+    worker._submit_save(SaveJob(2, (1,), (b"b" * 32,)), event=object())
+    worker._submit_save(SaveJob(3, (2,), (b"c" * 32,)), event=object())
+    worker._submit_save(SaveJob(4, (3,), (b"d" * 32,)), event=object())
+    assert [k["wait"] for _, k in sent] == [False] * 4
+    pending += [Completion(1, "load", False, error="unknown_instance: gone", code="unknown_instance"),
+                Completion(2, "save", False, error="out_of_range: block", code="out_of_range"),
+                Completion(3, "save", False, error="connection replaced", code=ABANDONED),
+                Completion(4, "save", True, num_blocks=1)]
+    worker.collect()
+    finished, failed = worker.take_transfer_results()
+    assert finished == {"r1"} and failed == {"r1"}
+    assert worker._registered is False  # registers again before the next transfer
+    assert events == ["discard", "discard", "release"]
+    meta = worker.take_worker_meta()
+    assert meta.saves_done == {2: 1, 3: 1, 4: 1} and meta.saves_failed == 2 and meta.blocks_skipped == 2
+    assert not worker.has_pending()

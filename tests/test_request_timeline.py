@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVER_STEPS = ("call -> server has the message", "message -> reply sends", "reply sends -> call returns",
-                "reply -> engine call", "completion -> push sends", "push sends -> client has it", "total")
+SERVER_STEPS = ("call -> server has the message", "message -> engine call", "completion -> push sends",
+                "push sends -> client has it", "total")
 
 
 def test_timeline_stamps_every_server_step(tmp_path):

@@ -47,6 +47,7 @@ class Completion:
     skipped: int = 0  # save: blocks not copied (already held, or no room: a full pool)
     missing: tuple[int, ...] = ()  # load: indices of hashes the pool did not hold
     error: str | None = None
+    code: str | None = None  # the server refused the transfer: its error code
 
 
 def to_completion(raw: Any) -> Completion:
@@ -58,6 +59,7 @@ def to_completion(raw: Any) -> Completion:
         skipped=skipped if isinstance(skipped, int) else len(skipped),
         missing=tuple(int(i) for i in (getattr(raw, "missing", ()) or ())),
         error=getattr(raw, "error", None),
+        code=getattr(raw, "code", None),
     )
 
 

@@ -283,7 +283,9 @@ class ConnectorWorker:
             self._load_finished(job.req_id, ok=False)
             return
         try:
-            self.link.call("load", self.geometry.instance_id, self.rank, job.job_id, job.block_ids, job.hashes)
+            # Not waiting for the acceptance: a refusal comes back as a failed completion.
+            self.link.call("load", self.geometry.instance_id, self.rank, job.job_id, job.block_ids, job.hashes,
+                           wait=False)
         except (LinkUnavailable, LinkRejected) as exc:
             self._on_rejected(exc)
             self._load_finished(job.req_id, ok=False)
@@ -328,6 +330,7 @@ class ConnectorWorker:
                 job.block_ids,
                 job.hashes,
                 event=handle,
+                wait=False,
             )
         except (LinkUnavailable, LinkRejected) as exc:
             self._on_rejected(exc)
@@ -374,6 +377,11 @@ class ConnectorWorker:
             self._save_finished(job_id, saved=0, skipped=pending.num_blocks, failed=True)
 
     def _on_completion(self, done: Any) -> None:
+        # A transfer sent without waiting: refused by the server (its code), or abandoned.
+        if done.code in REGISTRATION_LOST:
+            self._registered = False  # the server restarted or expired us: register again
+        elif done.code is not None:
+            logger.error("PegaFlow transfer %d of rank %d failed: %s", done.job_id, self.rank, done.error)
         if done.job_id in self._loads:
             pending = self._loads.pop(done.job_id)
             if not done.ok:
@@ -382,7 +390,10 @@ class ConnectorWorker:
         elif done.job_id in self._saves:
             pending = self._saves.pop(done.job_id)
             if pending.event is not None:
-                self._events.release(pending.event)
+                if done.code is not None:
+                    self._events.discard(pending.event)  # the server may hold it: never re-record it
+                else:
+                    self._events.release(pending.event)
             skipped = min(done.skipped, pending.num_blocks)
             if not done.ok:
                 logger.info("rank %d: save %d failed: %s", self.rank, done.job_id, done.error)

@@ -19,8 +19,8 @@ Requests (``{"op": ..., "id": <int>, ...}``; the reply echoes ``id``)
                        page_bytes]], num_blocks, device_uuid?)   -> {block_bytes}
     unregister_kv_caches(instance_id, rank) -> {}
     query(instance_id, hashes: bin, hash_bytes)  -> {hits}   longest prefix held on every rank
-    save(instance_id, rank, job_id, block_ids[], hashes: bin, hash_bytes, event?: bin) -> {job_id}
-    load(instance_id, rank, job_id, block_ids[], hashes: bin, hash_bytes)              -> {job_id}
+    save(instance_id, rank, job_id, block_ids[], hashes: bin, hash_bytes, event?: bin, ack?) -> {job_id}
+    load(instance_id, rank, job_id, block_ids[], hashes: bin, hash_bytes, ack?)              -> {job_id}
     unregister(instance_id)                -> {}
     stats()                                -> {stats}
     health()                               -> {status, uptime_s}
@@ -37,7 +37,10 @@ only after the job that used it has completed. ``storage`` is a sharing handle o
 registration; ``regions`` are byte offsets from the start of that storage.
 
 A save or load is accepted (its reply sent) once every check has passed, and its copy is
-started right after the reply: the reply never waits for the copy.
+started right after the reply: the reply never waits for the copy. With ``ack: false`` (what
+the connector sends) an accepted transfer gets no reply at all, its completion being the only
+answer; a refused one still gets its error reply. The client then neither waits nor wakes for
+an acceptance.
 
 Completions: pushed, not polled. When a save or load finishes, the server sends
 ``{"op": "completion", "job_id", "kind", "ok", "num_blocks", "nbytes", "skipped", "missing",

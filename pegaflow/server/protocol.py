@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: transfers may ask for no reply when accepted ("ack": false)
 
 # A frame larger than this gets a "too_large" reply. 16 MiB holds a save of 131,072 blocks
 # (8 bytes per msgpack int) with their 64-byte hashes; a vLLM step saves far fewer.
@@ -245,11 +245,16 @@ class Transfer:
     hashes: bytes
     hash_bytes: int
     event: bytes | None = None  # save: the CUDA IPC handle of the event after the forward
+    # False: no reply when accepted (the completion is the only answer); a refusal is still
+    # answered, with an error reply carrying the request's id. Spares the client a wait, and
+    # a wake-up, per transfer.
+    ack: bool = True
 
     def __post_init__(self) -> None:
         check_str("instance_id", self.instance_id)
         check_int("rank", self.rank, 0, MAX_TP_SIZE - 1)
         check_int("job_id", self.job_id, 0, MAX_ID)
+        check_bool("ack", self.ack)
         check_ids("block_ids", self.block_ids, MAX_BLOCK_ID, MAX_BLOCKS_PER_OP)
         _check_hashes(self.hashes)
         check_int("hash_bytes", self.hash_bytes, MIN_HASH_BYTES, MAX_HASH_BYTES)
@@ -313,8 +318,8 @@ _OPS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
     "register_kv_caches": (RegisterKV, ("instance_id", "rank", "storage", "regions", "num_blocks"), ("device_uuid",)),
     "unregister_kv_caches": (UnregisterKV, ("instance_id", "rank"), ()),
     "query": (Query, ("instance_id", "hashes", "hash_bytes"), ()),
-    "save": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ("event",)),
-    "load": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ()),
+    "save": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ("event", "ack")),
+    "load": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ("ack",)),
     "unregister": (Unregister, ("instance_id",), ()),
     "reset": (Reset, ("instance_id",), ()),
     "stats": (Stats, (), ()),

@@ -113,7 +113,7 @@ class Service:
     # ---- entry points for the loop ------------------------------------------------------------
 
     def handle_frame(self, identity: bytes, frame: bytes, now: float) -> bytes | None:
-        """The reply to one frame (None for heartbeat and bye). Never raises."""
+        """The reply to one frame (None for heartbeat, bye and a transfer accepted without ack). Never raises."""
         request = None
         try:
             request = P.decode_request(frame)
@@ -376,7 +376,7 @@ class Service:
         # Every check is done: accept now and start the copy once the reply is out. In CPU mode
         # the copy holds the GIL; started first, it delayed the acceptance by its whole length.
         self._deferred.append(partial(self._start, identity, req, spec.hash_bytes, event))
-        return P.ok_reply(req.id, job_id=req.job_id)
+        return P.ok_reply(req.id, job_id=req.job_id) if req.ack else None
 
     def start_deferred(self) -> None:
         """Start the transfers accepted by the last reply (the loop calls it after sending).
