@@ -51,7 +51,6 @@ def main() -> None:
     p.add_argument("--sizes", default="1,64")
     p.add_argument("--gap-ms", type=float, default=2.0)
     args = p.parse_args()
-    from e2e_figures import _await
     from e2e_shapes import LLAMA3_8B
     from e2e_worker import Rank, WorkerConfig
 
@@ -94,22 +93,16 @@ def main() -> None:
                     for b, h in zip(src, hashes):
                         rank.known[h] = rank.held[b]
                     time.sleep(gap)
-                    t0 = clock()
-                    job = rank.submit_save(src, hashes)
-                    t1 = clock()
-                    _, ok = _await(rank, job)
-                    marks.append(("save", k, t0, t1, clock()))
+                    *times, ok = _timed(rank, lambda: rank.submit_save(src, hashes), clock)
+                    marks.append(("save", k, *times))
                     if not ok:
                         raise RuntimeError(f"a {k}-block save failed")
                     saved.append(hashes)
                 for hashes in saved:
                     rank.poison(dst)
                     time.sleep(gap)
-                    t0 = clock()
-                    req = rank.submit_load(dst, hashes)
-                    t1 = clock()
-                    _, ok = _await(rank, req)
-                    marks.append(("load", k, t0, t1, clock()))
+                    *times, ok = _timed(rank, lambda: rank.submit_load(dst, hashes), clock)
+                    marks.append(("load", k, *times))
                     bad = rank.check(dst, hashes) if ok else ["failed"]
                     if bad:
                         raise RuntimeError(f"a {k}-block load came back wrong: {bad[:2]}")
@@ -127,6 +120,17 @@ def main() -> None:
                     rows.append(Row(f"{direction} {k} blk", label, "p50", True, value, "us"))
     print_table(rows)
     write_json(args.json, "request_timeline", rows, {"steps_us": table, "n": args.n, "gap_ms": args.gap_ms})
+
+
+def _timed(rank, submit, clock) -> tuple[int, int, int, bool]:
+    """(call start, call return, completion seen, ok) of one transfer."""
+    from e2e_figures import _await
+
+    t0 = clock()
+    key = submit()
+    t1 = clock()
+    _, ok = _await(rank, key)
+    return t0, t1, clock(), ok
 
 
 def _steps(requests: list[tuple[int, int, int]], stamps: list) -> dict[str, float | None]:
