@@ -343,7 +343,6 @@ class PegaClient:
                 error="session expired on the server (this client was silent too long): job abandoned"))
         if not reply.get("resumed", False):  # a new session: the old one's transfers will not complete
             self._abandon_posted("the server's session was replaced before this transfer completed")
-        if not reply.get("resumed", False):
             logger.info("session opened with %s (server %s)", self.endpoint, reply.get("server"))
         if self._heartbeat_enabled and self._hb_thread is None:
             interval = max(0.05, float(reply.get("heartbeat_s", 1.0)))

@@ -253,7 +253,8 @@ def test_health_reply_is_trimmed_and_rcvtimeo_set_once():
 def test_transfers_sent_without_waiting_report_refusals_as_failed_completions():
     """wait=False: the message says "ack": false and the call returns once sent; an error reply
     becomes a failed completion with the server's code (no_session also renews the session);
-    a completion clears the job; a replaced socket reports the jobs still open as abandoned."""
+    a completion clears the job; a new session or a replaced socket reports the jobs still open
+    as abandoned."""
     state = {"sessions": 0}
 
     def script(request):
@@ -269,7 +270,7 @@ def test_transfers_sent_without_waiting_report_refusals_as_failed_completions():
                 return [{"id": request["id"], "ok": False, "code": P.OUT_OF_RANGE, "message": "block 9"}]
             if job == 3:
                 return [{"id": request["id"], "ok": False, "code": P.NO_SESSION, "message": "send hello first"}]
-            return []  # job 4: accepted, its completion never comes
+            return []  # jobs 4 and 5: accepted, their completions never come
         if request["op"] == "health" and state.pop("wedge", False):
             return []
         return [{"id": request["id"], "ok": True, "status": "ok"}]
@@ -277,6 +278,7 @@ def test_transfers_sent_without_waiting_report_refusals_as_failed_completions():
     fake = FakeServer(script)
     client = PegaClient(fake.endpoint, timeout_s=1.0, heartbeat=False)
     try:
+        client.load("i", 0, 4, [2], hashes(1), wait=False)
         client.load("i", 0, 1, [0], hashes(1), wait=False)
         client.save("i", 0, 2, [9], hashes(1), wait=False)
         client.load("i", 0, 3, [1], hashes(1), wait=False)
@@ -287,14 +289,16 @@ def test_transfers_sent_without_waiting_report_refusals_as_failed_completions():
         assert got[1].ok and got[1].code is None
         assert not got[2].ok and got[2].kind == "save" and got[2].code == P.OUT_OF_RANGE and "block 9" in got[2].error
         assert not got[3].ok and got[3].code == P.NO_SESSION
-        assert client._posted == {} and client._posted_jobs == {}
-        client.load("i", 0, 4, [2], hashes(1), wait=False)  # no_session above: hello again first
-        assert state["sessions"] == 2 and list(client._posted_jobs) == [4]
+        assert client._posted_jobs == {4: client._posted_jobs[4]} and len(client._posted) == 1
+        client.load("i", 0, 5, [3], hashes(1), wait=False)  # no_session above: hello again first
+        assert state["sessions"] == 2 and list(client._posted_jobs) == [5]
+        (lost,) = client.poll_completions()  # job 4 belonged to the old session
+        assert lost.job_id == 4 and not lost.ok and lost.code == "abandoned" and "session" in lost.error
         state["wedge"] = True
-        with pytest.raises(PegaTimeoutError):  # the socket is replaced: job 4's outcome is unknown
+        with pytest.raises(PegaTimeoutError):  # the socket is replaced: job 5's outcome is unknown
             client.health()
         (abandoned,) = client.poll_completions()
-        assert abandoned.job_id == 4 and not abandoned.ok and abandoned.code == "abandoned"
+        assert abandoned.job_id == 5 and not abandoned.ok and abandoned.code == "abandoned"
         assert client._posted == {}
     finally:
         client.close()
