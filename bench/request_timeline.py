@@ -3,8 +3,8 @@
 The server runs with stamps patched in at start-up (``bench/timeline_site/sitecustomize.py``:
 the loop's receive and sends, the deferred start, the engine call, the GPU lane's launch and
 completion wait, the completion callback); the client here is the connector's worker side (as
-in bench/e2e.py; it sends transfers without waiting for an acceptance, which the server then
-does not send) on a Llama-3-8B LBNHC cache. Saves, then loads, of 1 and 64 blocks, one at a
+in bench/e2e.py; with ``--no-wait`` it sends transfers without waiting for an acceptance,
+which the server then does not send) on a Llama-3-8B LBNHC cache. Saves, then loads, of 1 and 64 blocks, one at a
 time, each after an idle gap (as a request finds the server). Both processes stamp
 CLOCK_MONOTONIC, so the steps line up; medians in microseconds.
 
@@ -33,7 +33,8 @@ from common import Row, arg_parser, print_table, write_json  # noqa: E402
 # call's return and the completion's arrival; "x:last" is the last stamp x within the request.
 STEPS = (
     ("call -> server has the message", "t0", "serve0"),
-    ("call returns (transfers are sent without waiting for a reply)", "t0", "call"),
+    ("message -> reply sends", "serve0", "reply"),  # none with --no-wait
+    ("call returns", "t0", "call"),
     ("message -> engine call", "serve0", "engine0"),
     ("engine call -> launch (booking)", "engine0", "launch0"),
     ("launch (enqueue the copies)", "launch0", "launch1"),
@@ -50,6 +51,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=40, help="requests per size and direction")
     p.add_argument("--sizes", default="1,64")
     p.add_argument("--gap-ms", type=float, default=2.0)
+    p.add_argument("--no-wait", action="store_true",
+                   help="connector setting wait_for_acceptance false: no acceptance reply to wait for")
     args = p.parse_args()
     from e2e_shapes import LLAMA3_8B
     from e2e_worker import Rank, WorkerConfig
@@ -79,7 +82,8 @@ def main() -> None:
         try:
             device = "cpu" if args.cpu else "cuda:0"
             cfg = WorkerConfig(rank=0, tp=1, device=device, shape=LLAMA3_8B, layout="LBNHC",
-                               num_blocks=2 * max(sizes) if args.cpu else max(256, 2 * max(sizes)), endpoint=server.ipc, instance_id="timeline")
+                               num_blocks=2 * max(sizes) if args.cpu else max(256, 2 * max(sizes)), endpoint=server.ipc, instance_id="timeline",
+                               wait_for_acceptance=not args.no_wait)
             rank = Rank(cfg)
             ids = list(range(cfg.num_blocks))
             rank.write(ids, [i + 1 for i in ids])
@@ -119,7 +123,8 @@ def main() -> None:
                 if value is not None:
                     rows.append(Row(f"{direction} {k} blk", label, "p50", True, value, "us"))
     print_table(rows)
-    write_json(args.json, "request_timeline", rows, {"steps_us": table, "n": args.n, "gap_ms": args.gap_ms})
+    write_json(args.json, "request_timeline", rows, {"steps_us": table, "n": args.n, "gap_ms": args.gap_ms,
+                                                     "wait_for_acceptance": not args.no_wait})
 
 
 def _timed(rank, submit, clock) -> tuple[int, int, int, bool]:

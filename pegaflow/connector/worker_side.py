@@ -283,9 +283,9 @@ class ConnectorWorker:
             self._load_finished(job.req_id, ok=False)
             return
         try:
-            # Not waiting for the acceptance: a refusal comes back as a failed completion.
+            # Without waiting for the acceptance, a refusal comes back as a failed completion.
             self.link.call("load", self.geometry.instance_id, self.rank, job.job_id, job.block_ids, job.hashes,
-                           wait=False)
+                           wait=self.settings.wait_for_acceptance)
         except (LinkUnavailable, LinkRejected) as exc:
             self._on_rejected(exc)
             self._load_finished(job.req_id, ok=False)
@@ -330,7 +330,7 @@ class ConnectorWorker:
                 job.block_ids,
                 job.hashes,
                 event=handle,
-                wait=False,
+                wait=self.settings.wait_for_acceptance,
             )
         except (LinkUnavailable, LinkRejected) as exc:
             self._on_rejected(exc)

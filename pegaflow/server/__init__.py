@@ -37,8 +37,8 @@ only after the job that used it has completed. ``storage`` is a sharing handle o
 registration; ``regions`` are byte offsets from the start of that storage.
 
 A save or load is accepted (its reply sent) once every check has passed, and its copy is
-started right after the reply: the reply never waits for the copy. With ``ack: false`` (what
-the connector sends) an accepted transfer gets no reply at all, its completion being the only
+started right after the reply: the reply never waits for the copy. With ``ack: false`` (the
+connector's ``wait_for_acceptance: false``) an accepted transfer gets no reply at all, its completion being the only
 answer; a refused one still gets its error reply. The client then neither waits nor wakes for
 an acceptance.
 
