@@ -296,9 +296,9 @@ def _await(rank: Any, key: Any) -> tuple[float, bool]:
 
 def _latencies(rank: Any, f: Figures, k: int, n: int, barrier: Any, target: list[int]) -> dict[str, Any]:
     """``n`` saves then ``n`` loads of ``k`` blocks, one at a time: milliseconds each."""
-    # "<d>_call": the part of each spent in the submitting call (since the connector sends
-    # transfers without waiting for an acceptance, the send alone); the rest is the hop to
-    # the server, the copy, the server's completion and its push.
+    # "<d>_call": the part of each spent in the submitting call (the request and its
+    # acceptance; with --no-wait the send alone); the rest is the copy, the server's
+    # completion and its push.
     out: dict[str, Any] = {"save": [], "load": [], "save_call": [], "load_call": [], "failed": 0, "mismatches": []}
     saved = []
     src = f.ranges[0][:k]
