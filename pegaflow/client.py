@@ -309,15 +309,20 @@ class PegaClient:
 
     # ---- machinery ----------------------------------------------------------------------------
 
+    def _open(self) -> tuple[float, float]:
+        """Under the lock, before a request: the session said hello; (deadline, clock reading)."""
+        if self._closed:
+            raise PegaClientError("client is closed")
+        now = _monotonic()
+        deadline = now + self.timeout_s
+        if self._need_hello:
+            self._hello(deadline)
+            now = _monotonic()
+        return deadline, now
+
     def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
         with self._lock:
-            if self._closed:
-                raise PegaClientError("client is closed")
-            now = _monotonic()
-            deadline = now + self.timeout_s
-            if self._need_hello:
-                self._hello(deadline)
-                now = _monotonic()
+            deadline, now = self._open()
             try:
                 return self._request(msg, deadline, now)
             except PegaServerError as exc:
@@ -360,13 +365,7 @@ class PegaClient:
         that timed out would have raised (its blocks may still be in use: see the module
         docstring)."""
         with self._lock:
-            if self._closed:
-                raise PegaClientError("client is closed")
-            now = _monotonic()
-            deadline = now + self.timeout_s
-            if self._need_hello:
-                self._hello(deadline)
-                now = _monotonic()
+            deadline, now = self._open()
             msg["ack"] = False
             job = (int(msg["job_id"]), str(msg["op"]))
             request_id = self._send(msg, deadline, now)[1]

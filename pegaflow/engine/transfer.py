@@ -655,28 +655,28 @@ class GpuLane:
     def _dma_copy(self, path: _Path, job: CopyJob, plan: tuple[dma.Rows, ...], near: _Near | None = None) -> None:
         """Each block's pages straight to (from) its slot, one 2D copy per row set: no SM work."""
         self._check_slots(job)
-        stride = job.kv.regions[0].block_stride
-        pool = self._pool.data_ptr()
-        copy_2d, copy_1d = self._copy_2d[job.direction], self._dma
-        save = job.direction == SAVE
-        if save:
+        if job.direction == SAVE:
             _wait_for_producer(job, path.dma)
-        whole = _whole_run(plan, stride, job.slot_bytes)
+        whole = _whole_run(plan, job.kv.regions[0].block_stride, job.slot_bytes)
         more = path.more_dma if len(job.block_ids) > 1 or not whole else []
         if more:
             path.fork.record(path.dma)
             for s in more:
                 s.wait_event(path.fork)
-        handles = [path.dma.cuda_stream] + [s.cuda_stream for s in more]
         try:
-            self._dma_enqueue(path, job, plan, near, handles, pool, stride, save, whole, copy_1d, copy_2d)
+            self._dma_enqueue(path, job, plan, near, [path.dma.cuda_stream] + [s.cuda_stream for s in more], whole)
         finally:  # copies enqueued before a failure still join the job's stream
             for s, e in zip(more, path.join):
                 e.record(s)
                 path.dma.wait_event(e)
 
     def _dma_enqueue(self, path: _Path, job: CopyJob, plan: tuple[dma.Rows, ...], near: _Near | None,
-                     handles: list[int], pool: int, stride: int, save: bool, whole: bool, copy_1d, copy_2d) -> None:
+                     handles: list[int], whole: bool) -> None:
+        """The copies of :meth:`_dma_copy`, round robin over the stream ``handles``."""
+        stride = job.kv.regions[0].block_stride
+        pool = self._pool.data_ptr()
+        copy_2d, copy_1d = self._copy_2d[job.direction], self._dma
+        save = job.direction == SAVE
         n = len(handles)
         if whole:  # consecutive blocks in consecutive slots are one run on both sides, one copy
             base, size = plan[0].src, job.slot_bytes
@@ -710,10 +710,9 @@ class GpuLane:
                 for j in range(parts):
                     first, end = rows.height * j // parts, rows.height * (j + 1) // parts
                     k, h = kv + first * rows.src_pitch, slot + first * rows.dst_pitch
-                    if save:
-                        copy_2d(h, rows.dst_pitch, k, rows.src_pitch, rows.width, end - first, handles[c % n])
-                    else:
-                        copy_2d(k, rows.src_pitch, h, rows.dst_pitch, rows.width, end - first, handles[c % n])
+                    dst, dst_pitch, src, src_pitch = (
+                        (h, rows.dst_pitch, k, rows.src_pitch) if save else (k, rows.src_pitch, h, rows.dst_pitch))
+                    copy_2d(dst, dst_pitch, src, src_pitch, rows.width, end - first, handles[c % n])
                     c += 1
 
     def _staged_load(self, path: _Path, job: CopyJob, near: _Near | None = None) -> None:

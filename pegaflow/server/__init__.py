@@ -38,9 +38,9 @@ registration; ``regions`` are byte offsets from the start of that storage.
 
 A save or load is accepted (its reply sent) once every check has passed, and its copy is
 started right after the reply: the reply never waits for the copy. With ``ack: false`` (the
-connector's ``wait_for_acceptance: false``) an accepted transfer gets no reply at all, its completion being the only
-answer; a refused one still gets its error reply. The client then neither waits nor wakes for
-an acceptance.
+connector's ``wait_for_acceptance: false``) an accepted transfer gets no reply at all, its
+completion being the only answer; a refused one still gets its error reply. The client then
+neither waits nor wakes for an acceptance.
 
 Completions: pushed, not polled. When a save or load finishes, the server sends
 ``{"op": "completion", "job_id", "kind", "ok", "num_blocks", "nbytes", "skipped", "missing",
