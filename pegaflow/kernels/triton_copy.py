@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pegaflow.kernels import upload
 from pegaflow.kernels.regions import KVRegions, _storage_bytes_view
 from pegaflow.kernels.validate import CopyPlan, Ids, check_rows, plan_copy, plan_table
 
@@ -176,16 +175,13 @@ def _pow2_part(value: int, cap: int) -> int:
 def _upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
     """One int64 table on ``device``, copied without blocking the host.
 
-    Pinned source: a pageable copy would synchronise the stream on every launch. Through the
-    device's pinned ring (``upload``) where it has room, else through torch's caching host
-    allocator, which keeps the pinned block until the copy has completed.
+    Pinned source: a pageable copy would synchronise the stream on every launch. The caching
+    host allocator keeps the pinned block until the copy has completed.
     """
+    table = torch.from_numpy(host)
     if device.type != "cuda":
-        return torch.from_numpy(host)
-    table = upload.to_device(host, device)
-    if table is not None:
         return table
-    return torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
