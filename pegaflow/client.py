@@ -538,6 +538,6 @@ def _completion(msg: dict[str, Any]) -> Completion:
         job_id=int(msg.get("job_id", -1)), kind=str(msg.get("kind", "")), ok=bool(msg.get("ok")),
         num_blocks=int(msg.get("num_blocks", 0)), nbytes=int(msg.get("nbytes", 0)),
         skipped=tuple(msg.get("skipped") or ()), missing=tuple(msg.get("missing") or ()),
-        error=msg.get("error"), code=None,
+        error=msg.get("error"),
     )
     return done

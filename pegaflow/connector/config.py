@@ -45,7 +45,8 @@ class ConnectorSettings:
     * ``wait_for_acceptance``: a save or load call returns once the server has accepted it
       (True, the default) or once it is sent (False: the server then answers with the
       completion alone and a refusal arrives as a failed completion; one message and one
-      wait less per transfer; not yet measured on a GPU host).
+      wait less per transfer, but on an H100 host it lowered neither the overhead nor the
+      TTFT: bench/results/e2e-h100-nowait.json).
     """
 
     endpoint: str = DEFAULT_ENDPOINT
