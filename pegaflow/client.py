@@ -24,7 +24,10 @@ while save, load and register_kv_caches raise ``PegaServerError("no_session")``:
 registration is gone and the caller must register again.
 
 Completions of saves and loads are pushed by the server on the same socket; any call, and
-:meth:`PegaClient.poll_completions`, collects them. ``save(..., wait=False)`` and
+:meth:`PegaClient.poll_completions`, collects them. A transfer that copies every block is
+also marked on a shared-memory completion board (``pegaflow.board``) by the server thread
+that saw it end: :meth:`PegaClient.poll_completions` reports it from there, three thread
+wake-ups earlier, and drops the pushed copy. ``board=False`` turns the board off. ``save(..., wait=False)`` and
 ``load(..., wait=False)`` return once sent, without waiting for the acceptance (the server
 sends none): a refusal then arrives as a failed completion carrying the server's ``code``.
 
@@ -46,6 +49,7 @@ from typing import Any
 import msgpack
 import zmq
 
+from pegaflow.board import ClientBoard, slot_of
 from pegaflow.server.protocol import NO_SESSION, PROTOCOL_VERSION, SESSION_BYTES
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,7 @@ _BACKOFF_START_S, _BACKOFF_MAX_S = 0.1, 5.0
 # Plain ints: enum arithmetic and lookups cost microseconds on every call.
 _POLLIN, _NOBLOCK, _EVENTS, _RCVTIMEO = int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.RCVTIMEO)
 _monotonic = time.monotonic
+_yield = os.sched_yield if hasattr(os, "sched_yield") else (lambda: time.sleep(0))
 _unpackb = msgpack.unpackb
 _STATELESS_OPS = frozenset(("query", "stats", "health", "register_instance", "unregister", "reset"))
 
@@ -131,7 +136,7 @@ class PegaClient:
     """A session with one PegaFlow server (see the module docstring)."""
 
     def __init__(self, endpoint: str | None = None, timeout_s: float = 2.0, name: str = "client",
-                 heartbeat: bool = True, auth_token: str | None = None) -> None:
+                 heartbeat: bool = True, auth_token: str | None = None, board: bool = True) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.endpoint = endpoint or default_endpoint()
@@ -160,6 +165,18 @@ class PegaClient:
         self._hb_stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._closed = False
+        # The completion board: offered in every hello while ``_board_wanted``. ``_noticed``:
+        # job id -> (tag, kind, blocks, bytes) of transfers that asked for a notice and have
+        # not been reported; ``_tagged``: their slots; ``_early``: job ids reported from the
+        # board whose pushed completion is still to come (and be dropped).
+        self._board_wanted = board
+        self._board: ClientBoard | None = None
+        self._board_count = 0
+        self._next_tag = 1
+        self._noticed: dict[int, tuple[int, str, int, int]] = {}
+        self._tagged: set[int] = set()
+        self._early: set[int] = set()
+        self._block_bytes: dict[tuple[str, int], int] = {}  # from register_kv_caches: a notice's bytes
 
     # ---- operations ---------------------------------------------------------------------------
 
@@ -206,6 +223,8 @@ class PegaClient:
             "storage": handle_to_wire(handle), "regions": [list(r) for r in regions], "num_blocks": num_blocks,
             "device_uuid": getattr(handle, "device_uuid", ""),
         })
+        with self._lock:
+            self._block_bytes[(instance_id, rank)] = int(reply["block_bytes"])
         return reply["block_bytes"]
 
     def unregister_kv_caches(self, instance_id: str, rank: int) -> None:
@@ -243,7 +262,7 @@ class PegaClient:
 
                 event = share_event(event)
             msg["event"] = bytes(event)
-        self._call(msg) if wait else self._post(msg)
+        self._call(msg, notice=len(ids)) if wait else self._post(msg, notice=len(ids))
 
     def load(self, instance_id: str, rank: int, job_id: int, block_ids: Sequence[int],
              hashes: Sequence[bytes], wait: bool = True) -> None:
@@ -253,11 +272,13 @@ class PegaClient:
         blob, size = _hash_blob(hashes, len(ids))
         msg = {"op": "load", "instance_id": instance_id, "rank": rank, "job_id": job_id, "block_ids": ids,
                "hashes": blob, "hash_bytes": size}
-        self._call(msg) if wait else self._post(msg)
+        self._call(msg, notice=len(ids)) if wait else self._post(msg, notice=len(ids))
 
     def poll_completions(self, timeout_s: float = 0.0) -> list[Completion]:
         """Completions received so far; waits up to ``timeout_s`` for one if there are none."""
         with self._lock:
+            if self._noticed:
+                self._scan_board()
             if self._socket is not None:
                 now = _monotonic()
                 self._drain(now + timeout_s if timeout_s > 0 and not self._completions else 0.0, now)
@@ -297,6 +318,7 @@ class PegaClient:
             if self._socket is not None:
                 self._socket.close()
                 self._socket = None
+            self._board = None
         if self._hb_thread is not None:
             self._hb_thread.join(timeout=1.0)
         self._ctx.term()
@@ -320,12 +342,16 @@ class PegaClient:
             now = _monotonic()
         return deadline, now
 
-    def _call(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def _call(self, msg: dict[str, Any], notice: int | None = None) -> dict[str, Any]:
+        """``notice``: a transfer of that many blocks, to be noticed on the board if there is room."""
         with self._lock:
             deadline, now = self._open()
             try:
+                if notice is not None:
+                    self._claim_notice(msg, notice)
                 return self._request(msg, deadline, now)
             except PegaServerError as exc:
+                self._drop_notice(msg)
                 if exc.code != NO_SESSION:
                     raise
                 self._need_hello = True  # the server restarted or expired us
@@ -333,15 +359,27 @@ class PegaClient:
                     raise
                 self._hello(deadline)
                 return self._request(msg, deadline)
+            except BaseException:
+                self._drop_notice(msg)
+                raise
 
     def _hello(self, deadline: float) -> dict[str, Any]:
         hello = {"op": "hello", "version": PROTOCOL_VERSION, "pid": os.getpid(), "name": self.name[:256] or "client"}
         if self._auth_token:
             hello["token"] = self._auth_token
-        reply = self._request(hello, deadline)
+        offered = self._offer_board()
+        if offered is not None:
+            hello["board"] = offered.path
+        try:
+            reply = self._request(hello, deadline)
+        finally:
+            if offered is not None:
+                offered.unlink()  # the server has mapped it by now, or never will
+        self._take_board(offered, reply.get("board", ""))
         self.server_info = {k: v for k, v in reply.items() if k not in ("id", "ok", "lost_jobs")}
         self._need_hello = False
         for job_id in reply.get("lost_jobs") or ():
+            self._noticed.pop(int(job_id), None)
             self._posted.pop(self._posted_jobs.pop(int(job_id), -1), None)
             self._completions.append(Completion(
                 job_id=int(job_id), kind="", ok=False,
@@ -356,7 +394,84 @@ class PegaClient:
             self._hb_thread.start()
         return reply
 
-    def _post(self, msg: dict[str, Any]) -> None:
+    def _offer_board(self) -> ClientBoard | None:
+        if not self._board_wanted:
+            return None
+        try:
+            return ClientBoard()
+        except OSError as exc:
+            logger.warning("no completion board (%s): completions come by push only", exc)
+            self._board_wanted = False
+            return None
+
+    def _take_board(self, offered: ClientBoard | None, answer: str) -> None:
+        """The server mapped the offered board ("new"), kept the session's ("kept"), or has none."""
+        if answer == "kept" and self._board is not None:
+            return
+        # A new session: its transfers are new too (the old one's were abandoned or lost).
+        self._board = offered if answer == "new" else None
+        self._board_count = 0
+        self._noticed.clear()
+        self._tagged.clear()
+        self._early.clear()
+
+    def _claim_notice(self, msg: dict[str, Any], blocks: int) -> None:
+        """Ask for a notice of this transfer on the board if its slot is free."""
+        if self._board is None:
+            return
+        job_id = int(msg["job_id"])
+        if job_id in self._noticed or job_id in self._early:
+            return  # a job id still in flight (the server refuses it) or whose push is due
+        tag = self._next_tag
+        self._next_tag = tag + 1
+        slot = slot_of(tag)
+        if slot in self._tagged:
+            return  # the slot's transfer of SLOTS tags ago is still out: this one comes by push only
+        nbytes = blocks * self._block_bytes.get((msg["instance_id"], msg["rank"]), 0)
+        msg["notify"] = tag
+        self._noticed[job_id] = (tag, str(msg["op"]), blocks, nbytes)
+        self._tagged.add(slot)
+
+    def _drop_notice(self, msg: dict[str, Any]) -> None:
+        tag = msg.get("notify")
+        if tag is not None:
+            job_id = int(msg["job_id"])
+            noticed = self._noticed.get(job_id)
+            if noticed is not None and noticed[0] == tag:
+                del self._noticed[job_id]
+                self._tagged.discard(slot_of(tag))
+
+    def _forget_notice(self, job_id: int) -> bool:
+        """The job's completion came another way: stop watching its slot. True if it was
+        reported from the board already (then this copy is dropped)."""
+        noticed = self._noticed.pop(job_id, None)
+        if noticed is not None:
+            self._tagged.discard(slot_of(noticed[0]))
+        if job_id in self._early:
+            self._early.discard(job_id)
+            return True
+        return False
+
+    def _scan_board(self) -> None:
+        """Report the watched transfers the server has marked done since the last look."""
+        board = self._board
+        if board is None:
+            return
+        words = board.words
+        count = int(words[0])
+        if count == self._board_count:
+            return
+        self._board_count = count
+        done = [(job_id, n) for job_id, n in self._noticed.items() if words[slot_of(n[0])] == n[0]]
+        for job_id, (tag, kind, blocks, nbytes) in done:
+            del self._noticed[job_id]
+            self._tagged.discard(slot_of(tag))
+            self._early.add(job_id)
+            if self._posted_jobs:
+                self._posted.pop(self._posted_jobs.pop(job_id, -1), None)
+            self._completions.append(Completion(job_id=job_id, kind=kind, ok=True, num_blocks=blocks, nbytes=nbytes))
+
+    def _post(self, msg: dict[str, Any], notice: int | None = None) -> None:
         """Send a save or load that asks for no reply when accepted (``"ack": False``): the
         caller neither waits for the server nor wakes for its reply. A refusal comes back as
         an error reply, turned here into a failed :class:`Completion` with the server's
@@ -368,7 +483,13 @@ class PegaClient:
             deadline, now = self._open()
             msg["ack"] = False
             job = (int(msg["job_id"]), str(msg["op"]))
-            request_id = self._send(msg, deadline, now)[1]
+            if notice is not None:
+                self._claim_notice(msg, notice)
+            try:
+                request_id = self._send(msg, deadline, now)[1]
+            except BaseException:
+                self._drop_notice(msg)
+                raise
             self._posted[request_id] = job
             self._posted_jobs[job[0]] = request_id
 
@@ -436,6 +557,8 @@ class PegaClient:
             return None
         if reply.get("op") == "completion":
             done = _completion(reply)
+            if (self._noticed or self._early) and self._forget_notice(done.job_id):
+                return None  # reported from the board already
             if self._posted_jobs:
                 self._posted.pop(self._posted_jobs.pop(done.job_id, -1), None)
             self._completions.append(done)
@@ -443,6 +566,7 @@ class PegaClient:
         if self._posted and reply.get("id") in self._posted:  # a refused transfer sent by _post
             job_id, kind = self._posted.pop(reply["id"])
             self._posted_jobs.pop(job_id, None)
+            self._forget_notice(job_id)
             code = str(reply.get("code"))
             if code == NO_SESSION:
                 self._need_hello = True
@@ -454,7 +578,9 @@ class PegaClient:
     def _drain(self, deadline: float, now: float | None = None) -> None:
         """Take every message already here; then, while no completion is buffered, block in
         one receive (bounded by ``deadline``) and take whatever arrived with it. A completion
-        is picked up the moment it arrives: no poll interval. ``now``: the caller's clock reading."""
+        is picked up the moment it arrives: no poll interval. While transfers wait for a notice
+        on the board, the wait polls the board and the socket in turn instead (yielding the
+        CPU between looks). ``now``: the caller's clock reading."""
         sock = self._socket
         assert sock is not None
         parse = self._parse
@@ -463,6 +589,17 @@ class PegaClient:
                 parse(sock.recv(_NOBLOCK))
             if self._completions or deadline <= 0.0:
                 return
+            if self._noticed:
+                self._scan_board()
+                while not self._completions:
+                    if sock.getsockopt(_EVENTS) & _POLLIN:
+                        break
+                    if _monotonic() >= deadline:
+                        return
+                    _yield()
+                    self._scan_board()
+                now = None
+                continue
             if now is None:
                 now = _monotonic()
             remaining = deadline - now
@@ -507,6 +644,7 @@ class PegaClient:
     def _abandon_posted(self, why: str) -> None:
         """Report every posted transfer still waiting for its completion failed (code ``abandoned``)."""
         for job_id, kind in self._posted.values():
+            self._forget_notice(job_id)  # reported failed here: a late notice must not report it again
             self._completions.append(Completion(job_id=job_id, kind=kind, ok=False, error=why, code=ABANDONED))
         self._posted.clear()
         self._posted_jobs.clear()

@@ -47,6 +47,9 @@ class ConnectorSettings:
       completion alone and a refusal arrives as a failed completion; one message and one
       wait less per transfer, but on an H100 host it lowered neither the overhead nor the
       TTFT: bench/results/e2e-h100-nowait.json).
+    * ``completion_board``: the server also marks each transfer that copied every block on a
+      shared-memory page the worker reads (``pegaflow.board``), so a completion is seen
+      without the server's loop and two ZMQ I/O threads waking first (True, the default).
     """
 
     endpoint: str = DEFAULT_ENDPOINT
@@ -59,6 +62,7 @@ class ConnectorSettings:
     save_scope: str = "all"
     auth_token: str | None = field(default=None, repr=False)
     wait_for_acceptance: bool = True
+    completion_board: bool = True
 
     def __post_init__(self) -> None:
         for name in ("endpoint", "instance_id"):
@@ -78,10 +82,9 @@ class ConnectorSettings:
             )
         if self.auth_token is not None and (not isinstance(self.auth_token, str) or not self.auth_token):
             raise ValueError("PegaKVConnector setting auth_token must be a non-empty string")
-        if not isinstance(self.wait_for_acceptance, bool):
-            raise ValueError(
-                f"PegaKVConnector setting wait_for_acceptance must be true or false, got {self.wait_for_acceptance!r}"
-            )
+        for name in ("wait_for_acceptance", "completion_board"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"PegaKVConnector setting {name} must be true or false, got {getattr(self, name)!r}")
         if self.save_scope not in SAVE_SCOPES:
             raise ValueError(f"PegaKVConnector setting save_scope must be one of {SAVE_SCOPES}, got {self.save_scope!r}")
 

@@ -108,7 +108,8 @@ def default_client_factory(settings: ConnectorSettings) -> Any:
     """The real client (imported here, on first use: importing the connector starts nothing)."""
     from pegaflow.client import PegaClient
 
-    return PegaClient(endpoint=settings.endpoint, timeout_s=settings.rpc_timeout_s, auth_token=settings.auth_token)
+    return PegaClient(endpoint=settings.endpoint, timeout_s=settings.rpc_timeout_s, auth_token=settings.auth_token,
+                      board=settings.completion_board)
 
 
 def _rejection_types() -> tuple[type[BaseException], ...]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 2  # 2: transfers may ask for no reply when accepted ("ack": false)
+PROTOCOL_VERSION = 3  # 2: transfers may ask for no reply when accepted ("ack": false); 3: completion board
 
 # A frame larger than this gets a "too_large" reply. 16 MiB holds a save of 131,072 blocks
 # (8 bytes per msgpack int) with their 64-byte hashes; a vLLM step saves far fewer.
@@ -132,11 +132,14 @@ class Hello:
     pid: int = 0
     name: str = "client"
     token: str = field(default="", repr=False)  # the shared secret of a server started with one (see pegaflow.server.exposure)
+    board: str = ""  # the path of the client's completion board (pegaflow.board), if it offers one
 
     def __post_init__(self) -> None:
         check_int("version", self.version, 0, MAX_ID)
         check_int("pid", self.pid, 0, 1 << 31)
         check_str("name", self.name)
+        if type(self.board) is not str or len(self.board) > 4096:
+            raise _bad("board", "a path of at most 4096 characters", self.board)
         if type(self.token) is not str or len(self.token) > MAX_TOKEN:
             raise _bad("token", f"a string of at most {MAX_TOKEN} characters", "<not shown>")
 
@@ -249,12 +252,16 @@ class Transfer:
     # answered, with an error reply carrying the request's id. Spares the client a wait, and
     # a wake-up, per transfer.
     ack: bool = True
+    # > 0: once the transfer has completed with every block copied, write this tag on the
+    # session's completion board (pegaflow.board) too; the completion is pushed as well.
+    notify: int = 0
 
     def __post_init__(self) -> None:
         check_str("instance_id", self.instance_id)
         check_int("rank", self.rank, 0, MAX_TP_SIZE - 1)
         check_int("job_id", self.job_id, 0, MAX_ID)
         check_bool("ack", self.ack)
+        check_int("notify", self.notify, 0, MAX_ID)
         check_ids("block_ids", self.block_ids, MAX_BLOCK_ID, MAX_BLOCKS_PER_OP)
         _check_hashes(self.hashes)
         check_int("hash_bytes", self.hash_bytes, MIN_HASH_BYTES, MAX_HASH_BYTES)
@@ -308,7 +315,7 @@ Request = (
 
 # op -> (class, required fields, optional fields); "id" and "op" are implied.
 _OPS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
-    "hello": (Hello, ("version",), ("pid", "name", "token")),
+    "hello": (Hello, ("version",), ("pid", "name", "token", "board")),
     "heartbeat": (Heartbeat, ("session",), ()),
     "register_instance": (
         RegisterInstance,
@@ -318,8 +325,8 @@ _OPS: dict[str, tuple[type, tuple[str, ...], tuple[str, ...]]] = {
     "register_kv_caches": (RegisterKV, ("instance_id", "rank", "storage", "regions", "num_blocks"), ("device_uuid",)),
     "unregister_kv_caches": (UnregisterKV, ("instance_id", "rank"), ()),
     "query": (Query, ("instance_id", "hashes", "hash_bytes"), ()),
-    "save": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ("event", "ack")),
-    "load": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ("ack",)),
+    "save": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ("event", "ack", "notify")),
+    "load": (Transfer, ("instance_id", "rank", "job_id", "block_ids", "hashes", "hash_bytes"), ("ack", "notify")),
     "unregister": (Unregister, ("instance_id",), ()),
     "reset": (Reset, ("instance_id",), ()),
     "stats": (Stats, (), ()),

@@ -115,6 +115,10 @@ class Service:
     def handle_frame(self, identity: bytes, frame: bytes, now: float) -> bytes | None:
         """The reply to one frame (None for heartbeat, bye and a transfer accepted without ack). Never raises."""
         request = None
+        if self._done and self.push is not None:
+            # A client that saw a transfer done on its board may act on it (reuse the job id,
+            # unregister its cache) before this loop has taken the completion: take it first.
+            self.push(self.completions())
         try:
             request = P.decode_request(frame)
             session = self.sessions.get(identity)
@@ -220,13 +224,32 @@ class Service:
             self.sessions[identity] = session
             logger.info("client %s (pid %d) connected", req.name, req.pid)
         session.pid, session.name = req.pid, req.name
+        board = self._map_board(session, req)
         import pegaflow
 
         return P.ok_reply(
             req.id, version=P.PROTOCOL_VERSION, server=pegaflow.__version__, cpu_mode=self.cpu_mode,
             devices=list(self.devices), heartbeat_s=self.heartbeat_s, client_timeout_s=self.client_timeout_s,
-            max_message_bytes=P.MAX_MESSAGE_BYTES, resumed=resumed, lost_jobs=lost_jobs,
+            max_message_bytes=P.MAX_MESSAGE_BYTES, resumed=resumed, lost_jobs=lost_jobs, board=board,
         )
+
+    def _map_board(self, session: Session, req: P.Hello) -> str:
+        """Map the completion board the client offers: "new" (mapped now), "kept" (a resumed
+        session keeps the one it has, which the client still reads) or "" (none: every
+        completion then comes by push alone, as without a board)."""
+        if session.board is not None:
+            return "kept"
+        if not req.board:
+            return ""
+        from pegaflow.board import ServerBoard
+
+        try:
+            session.board = ServerBoard(req.board)
+        except (OSError, ValueError) as exc:
+            logger.warning("client %s (pid %d): no completion board (%s); completions come by push only",
+                           req.name, req.pid, exc)
+            return ""
+        return "new"
 
     def _heartbeat(self, identity: bytes, session: Session | None, req: P.Heartbeat, now: float) -> None:
         target = self.sessions.get(req.session)
@@ -375,7 +398,8 @@ class Service:
         registration.inflight += 1
         # Every check is done: accept now and start the copy once the reply is out. In CPU mode
         # the copy holds the GIL; started first, it delayed the acceptance by its whole length.
-        self._deferred.append(partial(self._start, identity, req, spec.hash_bytes, event))
+        board = session.board if req.notify else None
+        self._deferred.append(partial(self._start, identity, req, spec.hash_bytes, event, board))
         return P.ok_reply(req.id, job_id=req.job_id) if req.ack else None
 
     def start_deferred(self) -> None:
@@ -408,7 +432,7 @@ class Service:
                 return
         self._touches_logged = False
 
-    def _start(self, identity: bytes, req: P.Transfer, hash_bytes: int, event: Any) -> None:
+    def _start(self, identity: bytes, req: P.Transfer, hash_bytes: int, event: Any, board: Any = None) -> None:
         hashes = split_hashes(req.hashes, hash_bytes)
         try:
             if req.op == "save":
@@ -419,10 +443,10 @@ class Service:
             from pegaflow.engine import TransferResult
 
             logger.exception("engine.%s refused job %d after the server accepted it", req.op, req.job_id)
-            self._on_done(identity, req.job_id, TransferResult(ok=False, num_blocks=0, nbytes=0,
+            self._on_done(identity, req.job_id, None, 0, TransferResult(ok=False, num_blocks=0, nbytes=0,
                                                                error=f"{type(exc).__name__}: {exc}"))
         else:
-            handle.add_done_callback(partial(self._on_done, identity, req.job_id))
+            handle.add_done_callback(partial(self._on_done, identity, req.job_id, board, req.notify))
         # A transfer done already (a small CPU copy) goes out now, not after whatever else the
         # loop does before its next look at the queue.
         if self._done and self.push is not None and threading.get_ident() == self.loop_thread:
@@ -505,9 +529,13 @@ class Service:
             session.events[handle] = event
         return event
 
-    def _on_done(self, session_id: bytes, job_id: int, result: Any) -> None:
-        """Queue the result; from an engine thread, wake the loop (on the loop's own thread
-        it pushes the completion after serving the current request)."""
+    def _on_done(self, session_id: bytes, job_id: int, board: Any, tag: int, result: Any) -> None:
+        """Notice a transfer that copied every block on its client's board (from this thread:
+        the client sees it without waiting for the loop); then queue the result; from an engine
+        thread, wake the loop (on the loop's own thread it pushes the completion after serving
+        the current request)."""
+        if board is not None and result.ok and not result.skipped and not result.missing:
+            board.notice(tag)
         self._done.append((session_id, job_id, result, time.monotonic()))
         if threading.get_ident() != self.loop_thread:
             self._wake()

@@ -60,6 +60,7 @@ class Session:
     jobs: set[int] = field(default_factory=set)
     events: dict[bytes, Any] = field(default_factory=dict)
     pending: deque[bytes] = field(default_factory=lambda: deque(maxlen=MAX_PENDING_PUSHES))
+    board: Any = None  # the client's completion board (pegaflow.board.ServerBoard), if it offered one
 
     def process_gone(self) -> bool:
         """True if the client's process is known to have exited (same host, by pid)."""
