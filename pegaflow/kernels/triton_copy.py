@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from pegaflow.kernels import upload
 from pegaflow.kernels.regions import KVRegions, _storage_bytes_view
 from pegaflow.kernels.validate import CopyPlan, Ids, check_rows, plan_copy, plan_table
 
@@ -162,25 +161,8 @@ def _check_devices(kv: KVRegions, buffer: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} is in host memory that is not pinned: the GPU cannot reach it")
 
 
-class _Words:
-    """A contiguous GPU buffer as Triton takes a tensor (its address and element type): made
-    in ~1 us, where the tensor views below cost 30-80 us per launch on the H100 host under
-    the profiler, once per staging chunk."""
-
-    __slots__ = ("_ptr", "dtype")
-
-    def __init__(self, ptr: int, dtype: torch.dtype) -> None:
-        self._ptr = ptr
-        self.dtype = dtype
-
-    def data_ptr(self) -> int:
-        return self._ptr
-
-
-def _buffer_words(buffer: torch.Tensor, word: int) -> torch.Tensor | _Words:
-    """The contiguous buffer as a 1-D array of ``word``-byte integers (no copy)."""
-    if buffer.is_cuda and not _interpreting():
-        return _Words(buffer.data_ptr(), _WORD_DTYPES[word])
+def _buffer_words(buffer: torch.Tensor, word: int) -> torch.Tensor:
+    """The contiguous buffer as a 1-D tensor of ``word``-byte integers (no copy)."""
     raw = buffer.reshape(-1).view(torch.uint8)
     return raw[: raw.numel() // word * word].view(_WORD_DTYPES[word])
 
@@ -193,16 +175,13 @@ def _pow2_part(value: int, cap: int) -> int:
 def _upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
     """One int64 table on ``device``, copied without blocking the host.
 
-    Pinned source: a pageable copy would synchronise the stream on every launch. Through the
-    device's pinned ring (``upload``) where it has room, else through torch's caching host
-    allocator, which keeps the pinned block until the copy has completed.
+    Pinned source: a pageable copy would synchronise the stream on every launch. The caching
+    host allocator keeps the pinned block until the copy has completed.
     """
+    table = torch.from_numpy(host)
     if device.type != "cuda":
-        return torch.from_numpy(host)
-    table = upload.to_device(host, device)
-    if table is not None:
         return table
-    return torch.from_numpy(host).pin_memory().to(device, non_blocking=True)
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
