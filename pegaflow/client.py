@@ -61,7 +61,14 @@ _BACKOFF_START_S, _BACKOFF_MAX_S = 0.1, 5.0
 # Plain ints: enum arithmetic and lookups cost microseconds on every call.
 _POLLIN, _NOBLOCK, _EVENTS, _RCVTIMEO = int(zmq.POLLIN), int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.RCVTIMEO)
 _monotonic = time.monotonic
-_yield = os.sched_yield if hasattr(os, "sched_yield") else (lambda: time.sleep(0))
+# Between looks at the board while a caller waits: yield the CPU (0, the default) or sleep
+# this many microseconds (a spinning waiter may slow a server thread on its sibling hyperthread).
+BOARD_POLL_US = float(os.environ.get("PEGAFLOW_BOARD_POLL_US", "0") or 0)
+if BOARD_POLL_US > 0:
+    _sleep_s = BOARD_POLL_US / 1e6
+    _yield = lambda: time.sleep(_sleep_s)  # noqa: E731
+else:
+    _yield = os.sched_yield if hasattr(os, "sched_yield") else (lambda: time.sleep(0))
 _unpackb = msgpack.unpackb
 _STATELESS_OPS = frozenset(("query", "stats", "health", "register_instance", "unregister", "reset"))
 
