@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="connector setting wait_for_acceptance false: transfers sent without waiting for the server")
     p.add_argument("--no-board", action="store_true",
                    help="connector setting completion_board false: completions by ZMQ push only")
+    p.add_argument("--no-fast", action="store_true",
+                   help="connector setting fast_lane false: transfers sent by ZMQ, not Unix datagrams")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a worker may take for one command")
     return p.parse_args(argv)
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         configs = [WorkerConfig(rank=r, tp=args.tp, device="cpu" if smoke else f"cuda:{devices[r]}", shape=shape,
                                 layout=args.layout, num_blocks=num_blocks, endpoint=server.ipc, instance_id=instance,
                                 ttft_tokens=() if "ttft" in skip else ttft, smoke=smoke, seed=args.seed,
-                                wait_for_acceptance=not args.no_wait, completion_board=not args.no_board)
+                                wait_for_acceptance=not args.no_wait, completion_board=not args.no_board,
+                                fast_lane=not args.no_fast)
                    for r in range(args.tp)]
         workers = Workers(configs, args.timeout)
         log(f"workers ready: {[{k: v for k, v in r.items() if k != 'prefill'} for r in workers.ready]}")
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = {"shape": shape.name, "layout": args.layout, "tp": args.tp, "num_blocks": num_blocks,
               "block_bytes": block_bytes, "pool": pool, "job_blocks": job_blocks, "inflight": args.inflight,
               "smoke": smoke, "cards": [r["card"] for r in workers.ready], "wait_for_acceptance": not args.no_wait,
-              "completion_board": not args.no_board}
+              "completion_board": not args.no_board, "fast_lane": not args.no_fast}
     write_json(args.json, "e2e", rows, {"setup": config, "summary": lines, "details": results})
     log("done")
     return {"rows": rows, "results": results, "summary": lines}

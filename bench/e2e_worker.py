@@ -56,6 +56,7 @@ class WorkerConfig:
     seed: int = 0
     wait_for_acceptance: bool = True  # the connector setting of that name
     completion_board: bool = True  # the connector setting of that name
+    fast_lane: bool = True  # the connector setting of that name
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Rank:
         self.contents = Contents(self.regions, cfg.rank, replicated)
         settings = ConnectorSettings(endpoint=cfg.endpoint, instance_id=cfg.instance_id, rpc_timeout_s=10.0,
                                      transfer_timeout_s=120.0, wait_for_acceptance=cfg.wait_for_acceptance,
-                                     completion_board=cfg.completion_board)
+                                     completion_board=cfg.completion_board, fast_lane=cfg.fast_lane)
         geometry = InstanceGeometry(cfg.instance_id, cfg.shape.name, f"auto:{cfg.shape.dtype}", cfg.layout,
                                     cfg.shape.block_size, cfg.tp, replicated)
         self.worker = ConnectorWorker(settings, EngineLink(settings, f"e2e rank {cfg.rank}"), geometry, rank=cfg.rank)

@@ -55,6 +55,8 @@ def main() -> None:
                    help="connector setting wait_for_acceptance false: no acceptance reply to wait for")
     p.add_argument("--no-board", action="store_true",
                    help="connector setting completion_board false: completions by ZMQ push only")
+    p.add_argument("--no-fast", action="store_true",
+                   help="connector setting fast_lane false: transfers sent by ZMQ, not Unix datagrams")
     args = p.parse_args()
     from e2e_shapes import LLAMA3_8B
     from e2e_worker import Rank, WorkerConfig
@@ -85,7 +87,8 @@ def main() -> None:
             device = "cpu" if args.cpu else "cuda:0"
             cfg = WorkerConfig(rank=0, tp=1, device=device, shape=LLAMA3_8B, layout="LBNHC",
                                num_blocks=2 * max(sizes) if args.cpu else max(256, 2 * max(sizes)), endpoint=server.ipc, instance_id="timeline",
-                               wait_for_acceptance=not args.no_wait, completion_board=not args.no_board)
+                               wait_for_acceptance=not args.no_wait, completion_board=not args.no_board,
+                               fast_lane=not args.no_fast)
             rank = Rank(cfg)
             ids = list(range(cfg.num_blocks))
             rank.write(ids, [i + 1 for i in ids])
@@ -127,7 +130,8 @@ def main() -> None:
     print_table(rows)
     write_json(args.json, "request_timeline", rows, {"steps_us": table, "n": args.n, "gap_ms": args.gap_ms,
                                                      "wait_for_acceptance": not args.no_wait,
-                                                     "completion_board": not args.no_board})
+                                                     "completion_board": not args.no_board,
+                                                     "fast_lane": not args.no_fast})
 
 
 def _timed(rank, submit, clock) -> tuple[int, int, int, bool]:

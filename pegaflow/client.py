@@ -27,7 +27,13 @@ Completions of saves and loads are pushed by the server on the same socket; any 
 :meth:`PegaClient.poll_completions`, collects them. A transfer that copies every block is
 also marked on a shared-memory completion board (``pegaflow.board``) by the server thread
 that saw it end: :meth:`PegaClient.poll_completions` reports it from there, three thread
-wake-ups earlier, and drops the pushed copy. ``board=False`` turns the board off. ``save(..., wait=False)`` and
+wake-ups earlier, and drops the pushed copy. ``board=False`` turns the board off.
+
+Fast lane: through an ipc:// endpoint, saves and loads go to the server as Unix datagrams
+(``protocol.FAST_SUFFIX``), which wake the server's loop without ZMQ's I/O threads; replies
+and completions come back on the ZMQ socket as before. A message larger than
+``protocol.FAST_MAX_BYTES``, or one the datagram socket cannot take now, goes by ZMQ (and may
+then be served after a datagram sent later). ``fast=False`` sends everything by ZMQ. ``save(..., wait=False)`` and
 ``load(..., wait=False)`` return once sent, without waiting for the acceptance (the server
 sends none): a refusal then arrives as a failed completion carrying the server's ``code``.
 
@@ -38,8 +44,10 @@ its blocks held until its completion arrives or the client gives up on the sessi
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -50,7 +58,7 @@ import msgpack
 import zmq
 
 from pegaflow.board import ClientBoard, slot_of
-from pegaflow.server.protocol import NO_SESSION, PROTOCOL_VERSION, SESSION_BYTES
+from pegaflow.server.protocol import FAST_MAX_BYTES, NO_SESSION, PROTOCOL_VERSION, SESSION_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +78,7 @@ if BOARD_POLL_US > 0:
 else:
     _yield = os.sched_yield if hasattr(os, "sched_yield") else (lambda: time.sleep(0))
 _unpackb = msgpack.unpackb
+_TRANSFER_OPS = frozenset(("save", "load"))
 _STATELESS_OPS = frozenset(("query", "stats", "health", "register_instance", "unregister", "reset"))
 
 
@@ -143,7 +152,8 @@ class PegaClient:
     """A session with one PegaFlow server (see the module docstring)."""
 
     def __init__(self, endpoint: str | None = None, timeout_s: float = 2.0, name: str = "client",
-                 heartbeat: bool = True, auth_token: str | None = None, board: bool = True) -> None:
+                 heartbeat: bool = True, auth_token: str | None = None, board: bool = True,
+                 fast: bool = True) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.endpoint = endpoint or default_endpoint()
@@ -184,6 +194,10 @@ class PegaClient:
         self._tagged: set[int] = set()
         self._early: set[int] = set()
         self._block_bytes: dict[tuple[str, int], int] = {}  # from register_kv_caches: a notice's bytes
+        # The fast lane: the server's datagram socket path (from hello; "" = none or not usable).
+        self._fast_wanted = fast and self.endpoint.startswith("ipc://")
+        self._fast_path = ""
+        self._fast: socket.socket | None = None
 
     # ---- operations ---------------------------------------------------------------------------
 
@@ -326,6 +340,10 @@ class PegaClient:
                 self._socket.close()
                 self._socket = None
             self._board = None
+            if self._fast is not None:
+                self._fast.close()
+                self._fast = None
+                self._fast_path = ""
         if self._hb_thread is not None:
             self._hb_thread.join(timeout=1.0)
         self._ctx.term()
@@ -383,6 +401,7 @@ class PegaClient:
             if offered is not None:
                 offered.unlink()  # the server has mapped it by now, or never will
         self._take_board(offered, reply.get("board", ""))
+        self._take_fast(reply.get("fast", ""))
         self.server_info = {k: v for k, v in reply.items() if k not in ("id", "ok", "lost_jobs")}
         self._need_hello = False
         for job_id in reply.get("lost_jobs") or ():
@@ -421,6 +440,20 @@ class PegaClient:
         self._noticed.clear()
         self._tagged.clear()
         self._early.clear()
+
+    def _take_fast(self, path: Any) -> None:
+        self._fast_path = ""
+        if not self._fast_wanted or not path or type(path) is not str:
+            return
+        if self._fast is None:
+            try:
+                self._fast = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._fast.setblocking(False)
+            except OSError as exc:
+                logger.warning("no fast lane (%s): transfers go by ZMQ", exc)
+                self._fast_wanted = False
+                return
+        self._fast_path = path
 
     def _claim_notice(self, msg: dict[str, Any], blocks: int) -> None:
         """Ask for a notice of this transfer on the board if its slot is free."""
@@ -511,6 +544,14 @@ class PegaClient:
         self._next_id = request_id + 1
         msg["id"] = request_id
         payload = self._packer.pack(msg)
+        if self._fast_path and msg["op"] in _TRANSFER_OPS and len(payload) <= FAST_MAX_BYTES:
+            try:
+                self._fast.sendmsg((self.session, payload), (), 0, self._fast_path)
+                return sock, request_id, now
+            except OSError as exc:  # full (EAGAIN, ENOBUFS): this one by ZMQ; gone: ZMQ until the next hello
+                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                    logger.info("fast lane %s unusable (%s): transfers go by ZMQ", self._fast_path, exc)
+                    self._fast_path = ""
         # The common path is one send and one blocking receive (RCVTIMEO bounds it): no polls.
         try:
             sock.send(payload, _NOBLOCK)

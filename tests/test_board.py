@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pegaflow.board import BOARD_BYTES, SLOTS, ClientBoard, ServerBoard, slot_of
-from pegaflow.client import PegaClient
+from pegaflow.client import PegaClient, PegaServerError
 from pegaflow.server.spawn import ServerProcess
 from test_server_support import hashes, new_instance, register, wait_completion
 
@@ -155,5 +155,41 @@ def test_without_a_board_completions_come_by_push_alone(server):
         client.save(cache.instance_id, 0, 1, [0], hashes(1))
         assert wait_completion(client, 1).ok
         assert client._early == set()
+    finally:
+        client.close()
+
+
+def test_transfers_go_by_the_fast_lane_and_come_back_by_zmq(server):
+    client = PegaClient(server.ipc, timeout_s=10.0)
+    try:
+        cache = new_instance(client)
+        register(client, cache)
+        assert client._fast_path and client._fast_path == client.server_info["fast"]
+        before = client.stats()["server"]["fast_messages"]
+        expected = cache.backing.clone()
+        held = hashes(3)
+        client.save(cache.instance_id, 0, 1, [0, 1, 2], held)  # acknowledged: the reply comes by ZMQ
+        assert wait_completion(client, 1).ok
+        cache.refill()
+        client.load(cache.instance_id, 0, 2, [3, 4, 5], held, wait=False)
+        assert wait_completion(client, 2).ok
+        assert torch.equal(cache.backing[:, 3:6], expected[:, 0:3])
+        with pytest.raises(PegaServerError, match="out_of_range"):  # the error reply, by ZMQ
+            client.load(cache.instance_id, 0, 3, [10**6], held[:1])
+        stats = client.stats()["server"]
+        assert stats["fast_messages"] - before == 3 and stats["board_notices"] >= 2
+    finally:
+        client.close()
+
+
+def test_without_the_fast_lane_transfers_go_by_zmq(server):
+    client = PegaClient(server.ipc, timeout_s=10.0, fast=False)
+    try:
+        cache = new_instance(client)
+        register(client, cache)
+        before = client.stats()["server"]["fast_messages"]
+        client.save(cache.instance_id, 0, 1, [0], hashes(1))
+        assert wait_completion(client, 1).ok and client._fast_path == ""
+        assert client.stats()["server"]["fast_messages"] == before
     finally:
         client.close()

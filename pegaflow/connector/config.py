@@ -50,6 +50,8 @@ class ConnectorSettings:
     * ``completion_board``: the server also marks each transfer that copied every block on a
       shared-memory page the worker reads (``pegaflow.board``), so a completion is seen
       without the server's loop and two ZMQ I/O threads waking first (True, the default).
+    * ``fast_lane``: through an ipc:// endpoint, saves and loads go to the server as Unix
+      datagrams, which wake its loop without ZMQ's I/O threads (True, the default).
     """
 
     endpoint: str = DEFAULT_ENDPOINT
@@ -63,6 +65,7 @@ class ConnectorSettings:
     auth_token: str | None = field(default=None, repr=False)
     wait_for_acceptance: bool = True
     completion_board: bool = True
+    fast_lane: bool = True
 
     def __post_init__(self) -> None:
         for name in ("endpoint", "instance_id"):
@@ -82,7 +85,7 @@ class ConnectorSettings:
             )
         if self.auth_token is not None and (not isinstance(self.auth_token, str) or not self.auth_token):
             raise ValueError("PegaKVConnector setting auth_token must be a non-empty string")
-        for name in ("wait_for_acceptance", "completion_board"):
+        for name in ("wait_for_acceptance", "completion_board", "fast_lane"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PegaKVConnector setting {name} must be true or false, got {getattr(self, name)!r}")
         if self.save_scope not in SAVE_SCOPES:

@@ -109,7 +109,7 @@ def default_client_factory(settings: ConnectorSettings) -> Any:
     from pegaflow.client import PegaClient
 
     return PegaClient(endpoint=settings.endpoint, timeout_s=settings.rpc_timeout_s, auth_token=settings.auth_token,
-                      board=settings.completion_board)
+                      board=settings.completion_board, fast=settings.fast_lane)
 
 
 def _rejection_types() -> tuple[type[BaseException], ...]:

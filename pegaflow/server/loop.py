@@ -5,7 +5,11 @@ It blocks in one ``recv`` on the ROUTER (bounded by RCVTIMEO: the sweep period, 
 that receive times out), answers requests through :class:`Service`, pushes completions, and
 sweeps silent sessions every heartbeat period. Engine threads (completions) and the signal
 handler wake it with a frame on an inproc DEALER connected to the same ROUTER, so the hot
-path is one recv and one send per request: no poller, no pipe. After a message, while no
+path is one recv and one send per request: no poller, no pipe. With an ipc:// endpoint the
+loop also serves a fast lane (``protocol.FAST_SUFFIX``): saves and loads that clients send as
+Unix datagrams, which wake this thread directly; it then waits on both in one poll, and reads
+the datagrams waiting before each ROUTER message (a client's datagram, sent before its next
+ZMQ message, is served first). After a message, while no
 transfer is in flight, the loop first busy-polls its socket for ``spin_s`` (``--spin-us``):
 a request that follows within that window is read without the thread going to sleep and
 waking again. A stop request (SIGINT/SIGTERM) makes
@@ -40,6 +44,10 @@ _SEND_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)
 _SEND_LAST = int(zmq.NOBLOCK)
 _RCVTIMEO, _EVENTS, _POLLIN = int(zmq.RCVTIMEO), int(zmq.EVENTS), int(zmq.POLLIN)
 
+
+_FAST_ONLY = object()  # _receive_both: datagrams served, no ROUTER message
+_PEEK_NOWAIT = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_TRUNC_NOWAIT = socket.MSG_TRUNC | socket.MSG_DONTWAIT  # recv_into returns a datagram's full length
 
 MAX_SPIN_S = 0.01  # a longer window burns a core for nothing: requests that far apart find the loop asleep
 
@@ -106,6 +114,8 @@ class ServerLoop:
         self._waker: zmq.Socket | None = None
         self._wake_lock = threading.RLock()  # re-entrant: the signal handler may interrupt its holder
         self._wake_pending = False
+        self.fast: socket.socket | None = None  # the fast lane (None: no ipc endpoint)
+        self._fast_buffer = bytearray(P.FAST_MAX_BYTES + P.SESSION_BYTES)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -127,6 +137,9 @@ class ServerLoop:
             os.chmod(path, 0o600)
         else:
             router.bind(self.config.endpoint)
+        if path is not None:
+            self.fast = _bind_fast(path + P.FAST_SUFFIX)
+            self.service.fast_path = path + P.FAST_SUFFIX
         self.bound = [self.config.endpoint]
         if self.config.tcp:
             router.bind(self.config.tcp)
@@ -138,6 +151,10 @@ class ServerLoop:
         waker.connect(_WAKE_ENDPOINT)
         self._waker = waker
         self.router = router
+        if self.fast is not None:
+            self._poller = zmq.Poller()
+            self._poller.register(router, zmq.POLLIN)
+            self._poller.register(self.fast, zmq.POLLIN)
         return self.bound
 
     def wake(self) -> None:
@@ -174,16 +191,18 @@ class ServerLoop:
                 rcvtimeo = want
             if spin and not service.jobs:
                 end = clock() + spin_s
-                while not router.getsockopt(_EVENTS) & _POLLIN and clock() < end:
+                while not router.getsockopt(_EVENTS) & _POLLIN and clock() < end and not self._fast_waiting():
                     pass
             try:
-                parts = router.recv_multipart()
+                parts = router.recv_multipart() if self.fast is None else self._receive_both(rcvtimeo)
             except zmq.Again:
                 parts = None  # idle for TOUCH_IDLE_MS or a sweep period
                 if service.touches_pending:
                     service.apply_idle_touches()
             spin = parts is not None and spin_s > 0  # after a timeout (idle) the loop just blocks again
-            if parts is not None:
+            if parts is _FAST_ONLY:
+                parts = None
+            elif parts is not None:
                 identity = parts[0]
                 try:
                     if identity == _WAKE_IDENTITY:
@@ -229,10 +248,13 @@ class ServerLoop:
         self.ctx.term()
         path = ipc_path(self.config.endpoint)
         if path is not None:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            for name in (path, path + P.FAST_SUFFIX):
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
+        if self.fast is not None:
+            self.fast.close()
         logger.info("server stopped")
 
     # ---- the work -----------------------------------------------------------------------------
@@ -252,9 +274,57 @@ class ServerLoop:
             self._push([(identity, frame) for frame in pending])
 
     def _input_waiting(self) -> bool:
-        """Whether a message waits on the ROUTER now (the loop never polls with a timeout: it
-        waits in its receive)."""
-        return bool(self.router.getsockopt(_EVENTS) & _POLLIN)
+        """Whether a message waits on the ROUTER (or the fast lane) now."""
+        return bool(self.router.getsockopt(_EVENTS) & _POLLIN) or self._fast_waiting()
+
+    def _fast_waiting(self) -> bool:
+        fast = self.fast
+        if fast is None:
+            return False
+        try:
+            return bool(fast.recv(1, _PEEK_NOWAIT))
+        except (BlockingIOError, InterruptedError):
+            return False
+
+    def _receive_both(self, timeout_ms: int) -> list[bytes] | object:
+        """The next ROUTER message, after serving every datagram already waiting; blocks in one
+        poll on both (up to ``timeout_ms``). ``_FAST_ONLY``: datagrams were served, no message;
+        ``zmq.Again``: nothing came."""
+        router = self.router
+        served = self._serve_fast()
+        if not router.getsockopt(_EVENTS) & _POLLIN:
+            if served:
+                return _FAST_ONLY
+            if not self._poller.poll(timeout_ms):
+                raise zmq.Again()
+            if self._serve_fast() and not router.getsockopt(_EVENTS) & _POLLIN:
+                return _FAST_ONLY
+        try:
+            return router.recv_multipart(_SEND_LAST)  # NOBLOCK
+        except zmq.Again:
+            return _FAST_ONLY if served else None
+
+    def _serve_fast(self) -> int:
+        """Serve every datagram waiting on the fast lane; how many there were."""
+        fast, buffer, served = self.fast, self._fast_buffer, 0
+        sessions = self.service.sessions
+        while True:
+            try:
+                size = fast.recv_into(buffer, len(buffer), _TRUNC_NOWAIT)
+            except (BlockingIOError, InterruptedError):
+                return served
+            served += 1
+            identity = bytes(buffer[:P.SESSION_BYTES])
+            if size > len(buffer) or size <= P.SESSION_BYTES or identity not in sessions:
+                # Only a live session's transfers come this way (its hello went by ZMQ).
+                self.service.counters.errors[P.BAD_MESSAGE] += 1
+                logger.debug("dropped a fast-lane datagram of %d bytes (session %r)", size, identity)
+                continue
+            self.service.counters.fast_messages += 1
+            try:
+                self._serve(identity, [identity, bytes(buffer[P.SESSION_BYTES:size])])
+            except Exception:  # a bug: log it and keep serving the other clients
+                logger.exception("failed to serve a fast-lane message from %r", identity)
 
     def _push(self, items: list[tuple[bytes, bytes]]) -> None:
         for identity, frame in items:
@@ -274,6 +344,28 @@ class ServerLoop:
                 self.service.defer(identity, frame)  # delivered when the client talks again
             else:
                 logger.debug("reply to %r dropped: its socket is gone", identity)
+
+
+def _bind_fast(path: str) -> socket.socket:
+    """The fast lane's datagram socket, mode 0600 (the ipc endpoint was claimed first, so a
+    file here is a dead server's)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)  # capped by net.core.rmem_max
+    except OSError:
+        pass
+    return sock
 
 
 def _claim_ipc_path(path: str) -> None:

@@ -58,6 +58,10 @@ class ServiceCollector:
             errors.add_metric([code], count)
         yield errors
         yield _counter("pegaflow_sessions_expired", "Clients released after going silent", c.sessions_expired)
+        yield _counter("pegaflow_fast_messages", "Transfers received by the fast lane (Unix datagrams)",
+                       c.fast_messages)
+        yield _counter("pegaflow_board_notices", "Completions also marked on a client's completion board",
+                       c.board_notices)
         yield _gauge("pegaflow_sessions", "Connected clients", len(s.sessions))
         yield _gauge("pegaflow_registrations", "KV caches registered", len(s.registrations))
         yield _gauge("pegaflow_open_mappings", "Shared KV cache mappings open", s.open_mappings)

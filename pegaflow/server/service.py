@@ -58,6 +58,8 @@ class Counters:
     failed: dict[str, int] = field(default_factory=lambda: {"save": 0, "load": 0})
     blocks: dict[str, int] = field(default_factory=lambda: {"save": 0, "load": 0})
     nbytes: dict[str, int] = field(default_factory=lambda: {"save": 0, "load": 0})
+    fast_messages: int = 0  # transfers that came by the fast lane (protocol.FAST_SUFFIX)
+    board_notices: int = 0  # completions also marked on a client's board (an engine thread's += : a metric)
     seconds: dict[str, float] = field(default_factory=lambda: {"save": 0.0, "load": 0.0})
     last_gbps: dict[str, float] = field(default_factory=lambda: {"save": 0.0, "load": 0.0})
     skipped_blocks: int = 0
@@ -90,6 +92,7 @@ class Service:
         self._lost_jobs: dict[bytes, list[int]] = {}  # expired sessions' jobs in flight, by identity
         self._wake = wake
         self.push: Callable[[list[tuple[bytes, bytes]]], None] | None = None  # set by the loop: send these now
+        self.fast_path = ""  # set by the loop: its fast lane's datagram socket (protocol.FAST_SUFFIX), if bound
         # The thread that serves (the one that built the service; the loop sets it when it
         # runs): a completion on it needs no wake-up.
         self.loop_thread = threading.get_ident()
@@ -231,6 +234,7 @@ class Service:
             req.id, version=P.PROTOCOL_VERSION, server=pegaflow.__version__, cpu_mode=self.cpu_mode,
             devices=list(self.devices), heartbeat_s=self.heartbeat_s, client_timeout_s=self.client_timeout_s,
             max_message_bytes=P.MAX_MESSAGE_BYTES, resumed=resumed, lost_jobs=lost_jobs, board=board,
+            fast=self.fast_path,
         )
 
     def _map_board(self, session: Session, req: P.Hello) -> str:
@@ -488,6 +492,7 @@ class Service:
             "failed_saves": c.failed["save"], "failed_loads": c.failed["load"],
             "bytes_saved": c.nbytes["save"], "bytes_loaded": c.nbytes["load"],
             "sessions_expired": c.sessions_expired, "errors": dict(c.errors),
+            "fast_messages": c.fast_messages, "board_notices": c.board_notices,
         }
         instances = [
             {"instance_id": iid, "namespace": self.namespaces[iid], "model": spec.model, "tp_size": spec.tp_size,
@@ -536,6 +541,7 @@ class Service:
         the current request)."""
         if board is not None and result.ok and not result.skipped and not result.missing:
             board.notice(tag)
+            self.counters.board_notices += 1
         self._done.append((session_id, job_id, result, time.monotonic()))
         if threading.get_ident() != self.loop_thread:
             self._wake()
