@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+import msgpack
 import pytest
 import torch
 
@@ -191,5 +192,19 @@ def test_without_the_fast_lane_transfers_go_by_zmq(server):
         client.save(cache.instance_id, 0, 1, [0], hashes(1))
         assert wait_completion(client, 1).ok and client._fast_path == ""
         assert client.stats()["server"]["fast_messages"] == before
+    finally:
+        client.close()
+
+
+def test_a_fast_lane_transfer_of_an_ended_session_is_refused_not_dropped(server):
+    client = PegaClient(server.ipc, timeout_s=5.0)
+    try:
+        cache = new_instance(client)
+        register(client, cache)
+        client._socket.send(msgpack.packb({"op": "bye", "id": 0}))  # the server ends the session
+        client.stats()  # answered after the bye (stats needs no session)
+        # A dropped datagram would end in PegaTimeoutError after 5 s; the server answers instead.
+        with pytest.raises(PegaServerError, match="no_session"):
+            client.save(cache.instance_id, 0, 1, [0], hashes(1))
     finally:
         client.close()
