@@ -208,3 +208,27 @@ def test_a_fast_lane_transfer_of_an_ended_session_is_refused_not_dropped(server)
             client.save(cache.instance_id, 0, 1, [0], hashes(1))
     finally:
         client.close()
+
+
+def test_garbage_on_the_fast_lane_is_answered_or_dropped_and_the_server_keeps_serving(server):
+    import random
+    import socket
+
+    client = PegaClient(server.ipc, timeout_s=10.0)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        client.hello()
+        path = client.server_info["fast"]
+        rng = random.Random(os.urandom(8))
+        for i in range(300):
+            body = os.urandom(rng.randrange(0, 300))
+            prefix = client.session if i % 2 else b""  # half claim the live session
+            sock.sendto(prefix + body, path)
+        cache = new_instance(client)
+        register(client, cache)
+        client.save(cache.instance_id, 0, 1, [0], hashes(1))
+        assert wait_completion(client, 1).ok
+        assert client.stats()["server"]["errors"]  # counted, not crashed
+    finally:
+        sock.close()
+        client.close()
