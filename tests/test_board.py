@@ -67,6 +67,23 @@ def server():
     srv.stop()
 
 
+@pytest.fixture
+def connect(server):
+    """A client (options as PegaClient's) with one registered CPU cache; closed after the test."""
+    made = []
+
+    def make(**options):
+        client = PegaClient(server.ipc, **{"timeout_s": 10.0, **options})
+        made.append(client)
+        cache = new_instance(client)
+        register(client, cache)
+        return client, cache
+
+    yield make
+    for client in made:
+        client.close()
+
+
 def _flush(client: PegaClient) -> None:
     """One round trip: the server takes its finished transfers (pushing their completions)
     before it answers, so every push is read by the time this returns."""
@@ -83,131 +100,96 @@ def _board_count(client: PegaClient, count: int, timeout_s: float = 10.0) -> Non
 
 
 @pytest.mark.parametrize("wait", [True, False])
-def test_board_reports_each_transfer_once_and_before_its_push(server, wait):
-    client = PegaClient(server.ipc, timeout_s=10.0)
-    try:
-        cache = new_instance(client)
-        register(client, cache)
-        assert client.server_info["board"] == "new" and client._board is not None
-        assert not os.path.exists(client._board.path)  # unlinked once the server had mapped it
-        expected = cache.backing.clone()
-        held = hashes(4)
-        client.save(cache.instance_id, 0, 1, [0, 1, 2, 3], held, wait=wait)
-        _board_count(client, 1)
-        client._scan_board()  # the board alone, no socket read
-        (done,) = client._completions
-        assert done.job_id == 1 and done.ok and done.num_blocks == 4 and done.nbytes == 4 * 2 * cache.page
-        assert client.poll_completions() == [done]
-        cache.refill()
-        client.load(cache.instance_id, 0, 2, [5, 6, 7, 8], held, wait=wait)
-        _board_count(client, 2)
-        client._scan_board()
-        (done,) = client.poll_completions()
-        assert done.job_id == 2 and done.ok and done.num_blocks == 4
-        assert torch.equal(cache.backing[:, 5:9], expected[:, 0:4])
-        # Seen on the board: each push is still due, and is dropped when it comes.
-        _flush(client)
-        assert client.poll_completions() == []
-        assert client._early == set() and client._noticed == {} and client._tagged == set()
-    finally:
-        client.close()
+def test_board_reports_each_transfer_once_and_before_its_push(connect, wait):
+    client, cache = connect()
+    assert client.server_info["board"] == "new" and client._board is not None
+    assert not os.path.exists(client._board.path)  # unlinked once the server had mapped it
+    expected = cache.backing.clone()
+    held = hashes(4)
+    client.save(cache.instance_id, 0, 1, [0, 1, 2, 3], held, wait=wait)
+    _board_count(client, 1)
+    client._scan_board()  # the board alone, no socket read
+    (done,) = client._completions
+    assert done.job_id == 1 and done.ok and done.num_blocks == 4 and done.nbytes == 4 * 2 * cache.page
+    assert client.poll_completions() == [done]
+    cache.refill()
+    client.load(cache.instance_id, 0, 2, [5, 6, 7, 8], held, wait=wait)
+    _board_count(client, 2)
+    client._scan_board()
+    (done,) = client.poll_completions()
+    assert done.job_id == 2 and done.ok and done.num_blocks == 4
+    assert torch.equal(cache.backing[:, 5:9], expected[:, 0:4])
+    # Seen on the board: each push is still due, and is dropped when it comes.
+    _flush(client)
+    assert client.poll_completions() == []
+    assert client._early == set() and client._noticed == {} and client._tagged == set()
 
 
-def test_transfers_that_skip_or_miss_blocks_come_by_push_with_their_details(server):
-    client = PegaClient(server.ipc, timeout_s=10.0)
-    try:
-        cache = new_instance(client)
-        register(client, cache)
-        held = hashes(2)
-        client.save(cache.instance_id, 0, 1, [0, 1], held)
-        assert wait_completion(client, 1).ok
-        client.save(cache.instance_id, 0, 2, [0, 1], held)  # held already: skipped
-        done = wait_completion(client, 2)
-        assert done.ok and done.skipped == (0, 1)
-        client.load(cache.instance_id, 0, 3, [4, 5], [held[0], hashes(1)[0]])  # the second is missing
-        done = wait_completion(client, 3)
-        assert not done.ok and done.missing == (1,)
-        _flush(client)
-        assert client.poll_completions() == [] and client._early == set() and client._noticed == {}
-    finally:
-        client.close()
+def test_transfers_that_skip_or_miss_blocks_come_by_push_with_their_details(connect):
+    client, cache = connect()
+    held = hashes(2)
+    client.save(cache.instance_id, 0, 1, [0, 1], held)
+    assert wait_completion(client, 1).ok
+    client.save(cache.instance_id, 0, 2, [0, 1], held)  # held already: skipped
+    done = wait_completion(client, 2)
+    assert done.ok and done.skipped == (0, 1)
+    client.load(cache.instance_id, 0, 3, [4, 5], [held[0], hashes(1)[0]])  # the second is missing
+    done = wait_completion(client, 3)
+    assert not done.ok and done.missing == (1,)
+    _flush(client)
+    assert client.poll_completions() == [] and client._early == set() and client._noticed == {}
 
 
-def test_a_job_id_reused_right_after_its_notice_is_accepted(server):
-    client = PegaClient(server.ipc, timeout_s=10.0)
-    try:
-        cache = new_instance(client)
-        register(client, cache)
-        for i in range(20):  # the client sees each on the board, maybe before the loop took it
-            client.save(cache.instance_id, 0, 7, [i % 16], hashes(1))
-            assert wait_completion(client, 7).ok
-        _flush(client)
-        assert client.poll_completions() == []
-    finally:
-        client.close()
+def test_a_job_id_reused_right_after_its_notice_is_accepted(connect):
+    client, cache = connect()
+    for i in range(20):  # the client sees each on the board, maybe before the loop took it
+        client.save(cache.instance_id, 0, 7, [i % 16], hashes(1))
+        assert wait_completion(client, 7).ok
+    _flush(client)
+    assert client.poll_completions() == []
 
 
-def test_without_a_board_completions_come_by_push_alone(server):
-    client = PegaClient(server.ipc, timeout_s=10.0, board=False)
-    try:
-        cache = new_instance(client)
-        register(client, cache)
-        assert client.server_info["board"] == "" and client._board is None
+def test_without_a_board_completions_come_by_push_alone(connect):
+    client, cache = connect(board=False)
+    assert client.server_info["board"] == "" and client._board is None
+    client.save(cache.instance_id, 0, 1, [0], hashes(1))
+    assert wait_completion(client, 1).ok
+    assert client._early == set()
+
+
+def test_transfers_go_by_the_fast_lane_and_come_back_by_zmq(connect):
+    client, cache = connect()
+    assert client._fast_path and client._fast_path == client.server_info["fast"]
+    before = client.stats()["server"]["fast_messages"]
+    expected = cache.backing.clone()
+    held = hashes(3)
+    client.save(cache.instance_id, 0, 1, [0, 1, 2], held)  # acknowledged: the reply comes by ZMQ
+    assert wait_completion(client, 1).ok
+    cache.refill()
+    client.load(cache.instance_id, 0, 2, [3, 4, 5], held, wait=False)
+    assert wait_completion(client, 2).ok
+    assert torch.equal(cache.backing[:, 3:6], expected[:, 0:3])
+    with pytest.raises(PegaServerError, match="out_of_range"):  # the error reply, by ZMQ
+        client.load(cache.instance_id, 0, 3, [10**6], held[:1])
+    stats = client.stats()["server"]
+    assert stats["fast_messages"] - before == 3 and stats["board_notices"] >= 2
+
+
+def test_without_the_fast_lane_transfers_go_by_zmq(connect):
+    client, cache = connect(fast=False)
+    before = client.stats()["server"]["fast_messages"]
+    client.save(cache.instance_id, 0, 1, [0], hashes(1))
+    assert wait_completion(client, 1).ok and client._fast_path == ""
+    assert client.stats()["server"]["fast_messages"] == before
+
+
+def test_a_fast_lane_transfer_of_an_ended_session_is_refused_not_dropped(connect):
+    client, cache = connect(timeout_s=5.0)
+    client._socket.send(msgpack.packb({"op": "bye", "id": 0}))  # the server ends the session
+    client.stats()  # answered after the bye (stats needs no session)
+    # A dropped datagram would end in PegaTimeoutError after 5 s; the server answers instead.
+    with pytest.raises(PegaServerError, match="no_session"):
         client.save(cache.instance_id, 0, 1, [0], hashes(1))
-        assert wait_completion(client, 1).ok
-        assert client._early == set()
-    finally:
-        client.close()
-
-
-def test_transfers_go_by_the_fast_lane_and_come_back_by_zmq(server):
-    client = PegaClient(server.ipc, timeout_s=10.0)
-    try:
-        cache = new_instance(client)
-        register(client, cache)
-        assert client._fast_path and client._fast_path == client.server_info["fast"]
-        before = client.stats()["server"]["fast_messages"]
-        expected = cache.backing.clone()
-        held = hashes(3)
-        client.save(cache.instance_id, 0, 1, [0, 1, 2], held)  # acknowledged: the reply comes by ZMQ
-        assert wait_completion(client, 1).ok
-        cache.refill()
-        client.load(cache.instance_id, 0, 2, [3, 4, 5], held, wait=False)
-        assert wait_completion(client, 2).ok
-        assert torch.equal(cache.backing[:, 3:6], expected[:, 0:3])
-        with pytest.raises(PegaServerError, match="out_of_range"):  # the error reply, by ZMQ
-            client.load(cache.instance_id, 0, 3, [10**6], held[:1])
-        stats = client.stats()["server"]
-        assert stats["fast_messages"] - before == 3 and stats["board_notices"] >= 2
-    finally:
-        client.close()
-
-
-def test_without_the_fast_lane_transfers_go_by_zmq(server):
-    client = PegaClient(server.ipc, timeout_s=10.0, fast=False)
-    try:
-        cache = new_instance(client)
-        register(client, cache)
-        before = client.stats()["server"]["fast_messages"]
-        client.save(cache.instance_id, 0, 1, [0], hashes(1))
-        assert wait_completion(client, 1).ok and client._fast_path == ""
-        assert client.stats()["server"]["fast_messages"] == before
-    finally:
-        client.close()
-
-
-def test_a_fast_lane_transfer_of_an_ended_session_is_refused_not_dropped(server):
-    client = PegaClient(server.ipc, timeout_s=5.0)
-    try:
-        cache = new_instance(client)
-        register(client, cache)
-        client._socket.send(msgpack.packb({"op": "bye", "id": 0}))  # the server ends the session
-        client.stats()  # answered after the bye (stats needs no session)
-        # A dropped datagram would end in PegaTimeoutError after 5 s; the server answers instead.
-        with pytest.raises(PegaServerError, match="no_session"):
-            client.save(cache.instance_id, 0, 1, [0], hashes(1))
-    finally:
-        client.close()
 
 
 def test_garbage_on_the_fast_lane_is_answered_or_dropped_and_the_server_keeps_serving(server):
