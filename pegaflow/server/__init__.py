@@ -9,18 +9,23 @@ Sockets
     socket identity is their 16-byte session id (``ROUTER_HANDOVER``: a reconnecting client
     keeps its session). One frame per message, a msgpack map of at most
     ``protocol.MAX_MESSAGE_BYTES`` (16 MiB; beyond 4x that ZMQ drops the connection).
+    Beside an IPC endpoint at PATH, the fast lane: a Unix datagram socket at ``PATH.fast``
+    (mode 0600) where a client may send a save or load as one datagram (its session id, then
+    the msgpack map; up to ``protocol.FAST_MAX_BYTES``), served as if it came by ZMQ from that
+    session; the reply and the completion come back on ZMQ.
 
 Requests (``{"op": ..., "id": <int>, ...}``; the reply echoes ``id``)
-    hello(version, pid?, name?, token?)    -> {version, server, cpu_mode, devices, heartbeat_s,
-                                               client_timeout_s, max_message_bytes, resumed, lost_jobs}
+    hello(version, pid?, name?, token?, board?) -> {version, server, cpu_mode, devices, heartbeat_s,
+                                               client_timeout_s, max_message_bytes, resumed, lost_jobs,
+                                               board: "new" | "kept" | "", fast: path | ""}
     register_instance(instance_id, model, kv_dtype, layout, block_size, page_bytes[],
                       tp_size?, replicated?, hash_bytes?)   -> {namespace}
     register_kv_caches(instance_id, rank, storage{kind, ...}, regions[[offset, block_stride,
                        page_bytes]], num_blocks, device_uuid?)   -> {block_bytes}
     unregister_kv_caches(instance_id, rank) -> {}
     query(instance_id, hashes: bin, hash_bytes)  -> {hits}   longest prefix held on every rank
-    save(instance_id, rank, job_id, block_ids[], hashes: bin, hash_bytes, event?: bin, ack?) -> {job_id}
-    load(instance_id, rank, job_id, block_ids[], hashes: bin, hash_bytes, ack?)              -> {job_id}
+    save(instance_id, rank, job_id, block_ids[], hashes: bin, hash_bytes, event?: bin, ack?, notify?) -> {job_id}
+    load(instance_id, rank, job_id, block_ids[], hashes: bin, hash_bytes, ack?, notify?)              -> {job_id}
     unregister(instance_id)                -> {}
     stats()                                -> {stats}
     health()                               -> {status, uptime_s}
@@ -46,7 +51,10 @@ Completions: pushed, not polled. When a save or load finishes, the server sends
 ``{"op": "completion", "job_id", "kind", "ok", "num_blocks", "nbytes", "skipped", "missing",
 "error"}`` to the session that started it, after its acceptance reply (``skipped``: indices
 of a save's blocks already held or without room, not an error; ``missing``: indices of a
-load's blocks not held, ``ok`` false). If the client's socket is away at that moment,
+load's blocks not held, ``ok`` false). A client may also offer a completion board in its
+hello (the path of a file it made, :mod:`pegaflow.board`); a transfer sent with ``notify: tag``
+that copies every block then also gets ``tag`` written on that board by the thread that saw
+it end, before the push, so a polling client sees it without waiting for this loop. If the client's socket is away at that moment,
 completions wait in the session (bounded) until it talks again. On SIGINT/SIGTERM, copies in
 flight get ``--drain-timeout`` seconds; those still running then are reported failed.
 
