@@ -493,7 +493,9 @@ class PegaClient:
         return False
 
     def _scan_board(self) -> None:
-        """Report the watched transfers the server has marked done since the last look."""
+        """Report the watched transfers the server has marked done since the last look. On a
+        weakly ordered CPU the count may be seen before a slot: that notice is then reported at
+        the count's next change, or by its push."""
         board = self._board
         if board is None:
             return
@@ -684,6 +686,10 @@ class PegaClient:
                 self._socket.close()
                 self._socket = None
                 self._abandon_posted("the connection to the server was replaced before this transfer completed")
+                # Pushes on the old socket may be lost: a job reported from the board whose push
+                # never comes must not make a later job of the same id drop its own completion
+                # (a duplicate of an ended job is the lesser harm: the connector ignores it).
+                self._early.clear()
         self._need_hello = True
         self._down_until = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S)

@@ -214,3 +214,22 @@ def test_garbage_on_the_fast_lane_is_answered_or_dropped_and_the_server_keeps_se
     finally:
         sock.close()
         client.close()
+
+
+def test_a_server_whose_fast_lane_cannot_bind_still_binds_its_zmq_endpoint(tmp_path):
+    from pegaflow.server.loop import LoopConfig, ServerLoop
+
+    # An ipc path of 104 bytes: ZMQ binds it, the fast lane's 109-byte path cannot be bound.
+    folder = tmp_path / ("d" * (104 - len(str(tmp_path)) - len("/pega") - 1))
+    folder.mkdir()
+    path = str(folder / "pega")
+    assert len(path) == 104
+    loop = ServerLoop(LoopConfig(endpoint="ipc://" + path, tcp=None), engine=None, devices=())
+    try:
+        assert loop.bind() == ["ipc://" + path]
+        assert loop.fast is None and loop.service.fast_path == ""
+        assert os.path.exists(path) and not os.path.exists(path + ".fast")
+    finally:
+        loop._waker.close()
+        loop.router.close()
+        loop.ctx.term()

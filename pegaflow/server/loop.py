@@ -138,8 +138,11 @@ class ServerLoop:
         else:
             router.bind(self.config.endpoint)
         if path is not None:
-            self.fast = _bind_fast(path + P.FAST_SUFFIX)
-            self.service.fast_path = path + P.FAST_SUFFIX
+            try:
+                self.fast = _bind_fast(path + P.FAST_SUFFIX)
+                self.service.fast_path = path + P.FAST_SUFFIX
+            except OSError as exc:  # e.g. a path past the 107 bytes a Unix socket may have
+                logger.warning("no fast lane at %s%s (%s): transfers come by ZMQ only", path, P.FAST_SUFFIX, exc)
         self.bound = [self.config.endpoint]
         if self.config.tcp:
             router.bind(self.config.tcp)
