@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 from e2e_report import build_rows, summarize  # noqa: E402
 from e2e_shapes import LAYOUTS, LLAMA3_8B, SMOKE  # noqa: E402
-from e2e_worker import WorkerConfig, worker_main  # noqa: E402
+from e2e_worker import WorkerConfig, add_connector_switches, connector_switches, worker_main  # noqa: E402
 from e2e_workload import Replay, WorkloadConfig  # noqa: E402
 
 from pegaflow.engine.size import parse_size  # noqa: E402
@@ -67,12 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--overhead-n", type=int, default=None, help="requests per size for the overhead (default 100)")
     p.add_argument("--ttft-tokens", default=None, help="prompt lengths (default 1024,4096,10240)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: replay,bulk,overhead,interference,ttft")
-    p.add_argument("--no-wait", action="store_true",
-                   help="connector setting wait_for_acceptance false: transfers sent without waiting for the server")
-    p.add_argument("--no-board", action="store_true",
-                   help="connector setting completion_board false: completions by ZMQ push only")
-    p.add_argument("--no-fast", action="store_true",
-                   help="connector setting fast_lane false: transfers sent by ZMQ, not Unix datagrams")
+    add_connector_switches(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a worker may take for one command")
     return p.parse_args(argv)
@@ -191,8 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         configs = [WorkerConfig(rank=r, tp=args.tp, device="cpu" if smoke else f"cuda:{devices[r]}", shape=shape,
                                 layout=args.layout, num_blocks=num_blocks, endpoint=server.ipc, instance_id=instance,
                                 ttft_tokens=() if "ttft" in skip else ttft, smoke=smoke, seed=args.seed,
-                                wait_for_acceptance=not args.no_wait, completion_board=not args.no_board,
-                                fast_lane=not args.no_fast)
+                                **connector_switches(args))
                    for r in range(args.tp)]
         workers = Workers(configs, args.timeout)
         log(f"workers ready: {[{k: v for k, v in r.items() if k != 'prefill'} for r in workers.ready]}")
@@ -222,8 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(line, flush=True)
     config = {"shape": shape.name, "layout": args.layout, "tp": args.tp, "num_blocks": num_blocks,
               "block_bytes": block_bytes, "pool": pool, "job_blocks": job_blocks, "inflight": args.inflight,
-              "smoke": smoke, "cards": [r["card"] for r in workers.ready], "wait_for_acceptance": not args.no_wait,
-              "completion_board": not args.no_board, "fast_lane": not args.no_fast}
+              "smoke": smoke, "cards": [r["card"] for r in workers.ready],
+              **connector_switches(args)}
     write_json(args.json, "e2e", rows, {"setup": config, "summary": lines, "details": results})
     log("done")
     return {"rows": rows, "results": results, "summary": lines}

@@ -41,6 +41,25 @@ FIGURE_JOB_IDS = 1 << 40
 SLEEP_CYCLES = (2_000_000, 10_000_000)
 
 
+# The connector settings the benchmarks can turn off: (flag, setting, what turning it off does).
+CONNECTOR_SWITCHES = (
+    ("--no-wait", "wait_for_acceptance", "transfers sent without waiting for the server's acceptance"),
+    ("--no-board", "completion_board", "completions by ZMQ push only"),
+    ("--no-fast", "fast_lane", "transfers sent by ZMQ, not Unix datagrams"),
+)
+
+
+def add_connector_switches(parser: Any) -> None:
+    for flag, setting, effect in CONNECTOR_SWITCHES:
+        parser.add_argument(flag, dest=f"off_{setting}", action="store_true",
+                            help=f"connector setting {setting} false: {effect}")
+
+
+def connector_switches(args: Any) -> dict[str, bool]:
+    """The settings of CONNECTOR_SWITCHES as the parsed flags leave them (WorkerConfig fields)."""
+    return {setting: not getattr(args, f"off_{setting}") for _, setting, _ in CONNECTOR_SWITCHES}
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     rank: int
@@ -54,9 +73,10 @@ class WorkerConfig:
     ttft_tokens: tuple[int, ...] = ()
     smoke: bool = False
     seed: int = 0
-    wait_for_acceptance: bool = True  # the connector setting of that name
-    completion_board: bool = True  # the connector setting of that name
-    fast_lane: bool = True  # the connector setting of that name
+    # The connector settings of CONNECTOR_SWITCHES.
+    wait_for_acceptance: bool = True
+    completion_board: bool = True
+    fast_lane: bool = True
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(_ROOT), str(_ROOT / "bench")]
 
 from common import Row, arg_parser, print_table, write_json  # noqa: E402
+from e2e_worker import Rank, WorkerConfig, add_connector_switches, connector_switches  # noqa: E402
 
 # (label, from stamp, to stamp): "t0" / "call" / "end" are the client's call start, the
 # call's return and the completion's arrival; "x:last" is the last stamp x within the request.
@@ -51,15 +52,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=40, help="requests per size and direction")
     p.add_argument("--sizes", default="1,64")
     p.add_argument("--gap-ms", type=float, default=2.0)
-    p.add_argument("--no-wait", action="store_true",
-                   help="connector setting wait_for_acceptance false: no acceptance reply to wait for")
-    p.add_argument("--no-board", action="store_true",
-                   help="connector setting completion_board false: completions by ZMQ push only")
-    p.add_argument("--no-fast", action="store_true",
-                   help="connector setting fast_lane false: transfers sent by ZMQ, not Unix datagrams")
+    add_connector_switches(p)
     args = p.parse_args()
     from e2e_shapes import LLAMA3_8B
-    from e2e_worker import Rank, WorkerConfig
 
     from pegaflow.server.spawn import ServerProcess
 
@@ -87,8 +82,7 @@ def main() -> None:
             device = "cpu" if args.cpu else "cuda:0"
             cfg = WorkerConfig(rank=0, tp=1, device=device, shape=LLAMA3_8B, layout="LBNHC",
                                num_blocks=2 * max(sizes) if args.cpu else max(256, 2 * max(sizes)), endpoint=server.ipc, instance_id="timeline",
-                               wait_for_acceptance=not args.no_wait, completion_board=not args.no_board,
-                               fast_lane=not args.no_fast)
+                               **connector_switches(args))
             rank = Rank(cfg)
             ids = list(range(cfg.num_blocks))
             rank.write(ids, [i + 1 for i in ids])
@@ -129,9 +123,7 @@ def main() -> None:
                     rows.append(Row(f"{direction} {k} blk", label, "p50", True, value, "us"))
     print_table(rows)
     write_json(args.json, "request_timeline", rows, {"steps_us": table, "n": args.n, "gap_ms": args.gap_ms,
-                                                     "wait_for_acceptance": not args.no_wait,
-                                                     "completion_board": not args.no_board,
-                                                     "fast_lane": not args.no_fast})
+                                                     **connector_switches(args)})
 
 
 def _timed(rank, submit, clock) -> tuple[int, int, int, bool]:
