@@ -157,7 +157,7 @@ class ServerLoop:
         if self.fast is not None:
             self._poller = zmq.Poller()
             self._poller.register(router, zmq.POLLIN)
-            self._poller.register(self.fast, zmq.POLLIN)
+            self._poller.register(self.fast.fileno(), zmq.POLLIN)  # the poll names it by this fd
         return self.bound
 
     def wake(self) -> None:
@@ -298,9 +298,14 @@ class ServerLoop:
         if not router.getsockopt(_EVENTS) & _POLLIN:
             if served:
                 return _FAST_ONLY
-            if not self._poller.poll(timeout_ms):
+            ready = self._poller.poll(timeout_ms)
+            if not ready:
                 raise zmq.Again()
-            if self._serve_fast() and not router.getsockopt(_EVENTS) & _POLLIN:
+            # Look at the lane again only if the poll says it has something (a read that finds
+            # nothing is a failed syscall and an exception on every ZMQ message).
+            fd = self.fast.fileno()
+            if any(sock == fd for sock, _ in ready) and self._serve_fast() \
+                    and not router.getsockopt(_EVENTS) & _POLLIN:
                 return _FAST_ONLY
         try:
             return router.recv_multipart(_SEND_LAST)  # NOBLOCK
