@@ -195,8 +195,6 @@ def main() -> None:
                         help="override transfer.HEAD_CHUNKS (staging chunks of a transfer's first piece on an idle path)")
     parser.add_argument("--tail-chunks", type=int, default=None,
                         help="override transfer.TAIL_CHUNKS (staging chunks of a transfer's last piece)")
-    parser.add_argument("--no-pregather", action="store_true",
-                        help="set transfer.PREGATHER off (an idle path's staged save gathers its first chunk after booking)")
     parser.add_argument("--staging-mib", type=int, default=DEFAULT_STAGING_BYTES >> 20,
                         help="GPU staging per direction for the modes' rows (the sweep sets its own)")
     parser.add_argument("--modes", default="staged,dma,zero_copy",
@@ -214,8 +212,6 @@ def main() -> None:
         transfer.HEAD_CHUNKS = args.head_chunks
     if args.tail_chunks is not None:
         transfer.TAIL_CHUNKS = args.tail_chunks
-    if args.no_pregather:
-        transfer.PREGATHER = False
     names = [n for n in args.configs.split(",") if n]
     transfer_max = max(args.blocks * CONFIGS[n].block_bytes for n in names)
     burst = {n: max(2, math.ceil(args.burst_gib * GIB / (args.blocks * CONFIGS[n].block_bytes))) for n in names}

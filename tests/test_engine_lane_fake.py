@@ -81,8 +81,7 @@ def make_lane(pool: torch.Tensor, staging_bytes: int, zero_copy: bool, dma_min_r
     return lane
 
 
-def run(lane: GpuLane, direction: str, kv, block_ids, offsets, slot: int, after_event=None,
-        pregathered=None) -> tuple[bool, str | None]:
+def run(lane: GpuLane, direction: str, kv, block_ids, offsets, slot: int, after_event=None) -> tuple[bool, str | None]:
     done = threading.Event()
     outcome: list = []
     handle = TransferHandle(FakeEvent())
@@ -91,8 +90,7 @@ def run(lane: GpuLane, direction: str, kv, block_ids, offsets, slot: int, after_
         outcome.append((ok, error))
         done.set()
 
-    lane.submit(CopyJob(direction, kv, list(block_ids), list(offsets), slot, handle, finish, after_event,
-                        pregathered=pregathered))
+    lane.submit(CopyJob(direction, kv, list(block_ids), list(offsets), slot, handle, finish, after_event))
     assert done.wait(10)
     assert handle._launched and handle._event.recorded == 1
     return outcome[0]
@@ -133,48 +131,6 @@ def test_lane_round_trip_over_scattered_slots(fake_cuda, monkeypatch, mode, chun
         assert run(lane, LOAD, cache.regions, dst, offsets, slot) == (True, None)
         for b, data in zip(dst, expected):
             assert torch.equal(block_bytes(cache, b), data)
-    finally:
-        lane.close()
-
-
-def test_a_pregathered_first_chunk_serves_its_own_job_only(fake_cuda, monkeypatch):
-    cache = allocate_attention_kv_cache("LBNHC", num_layers=3, num_blocks=16, num_kv_heads=1, head_size=8,
-                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
-    slot = cache.regions.block_bytes
-    pool = torch.randint(0, 255, (16 * slot,), dtype=torch.uint8)
-    lane = make_lane(pool, 4 * slot, False)  # two blocks per staging chunk
-    gathered = []  # the first block of each gather launch
-    launch_rows = reference.launch_rows
-    monkeypatch.setattr(reference, "launch_rows", lambda table, first, count, buffer: (
-        gathered.append(table.ids[first]), launch_rows(table, first, count, buffer)))
-    ids, offsets = [5, 2, 9, 11, 0], [s * slot for s in (7, 8, 9, 1, 3)]
-
-    def fresh(blocks):
-        for b in blocks:
-            for r in cache.regions.regions:
-                r.pages(cache.regions.num_blocks)[b].copy_(torch.randint(0, 255, (r.page_bytes,), dtype=torch.uint8))
-
-    def saved_exactly(blocks):
-        return all(torch.equal(pool[off : off + slot], block_bytes(cache, b)) for b, off in zip(blocks, offsets))
-
-    try:
-        fresh(range(16))
-        pre = lane.pregather(cache.regions, ids, slot)
-        assert gathered == [5]
-        assert run(lane, SAVE, cache.regions, ids, offsets, slot, pregathered=pre) == (True, None)
-        assert gathered == [5, 9, 0] and saved_exactly(ids)  # chunk 0 was not gathered again
-
-        # Then the blocks change after the gather: a job that does not carry the token of the
-        # chunk in staging, or whose blocks are not the ones gathered, must gather its own.
-        for case in ("no token", "an older token", "a block skipped"):
-            older = lane.pregather(cache.regions, ids, slot)
-            pre = lane.pregather(cache.regions, ids, slot)
-            fresh(ids)
-            token = {"no token": None, "an older token": older, "a block skipped": pre}[case]
-            blocks = ids[1:] if case == "a block skipped" else ids
-            gathered.clear()
-            assert run(lane, SAVE, cache.regions, blocks, offsets[: len(blocks)], slot, pregathered=token) == (True, None)
-            assert gathered[0] == blocks[0] and saved_exactly(blocks), case
     finally:
         lane.close()
 
@@ -243,7 +199,7 @@ def test_dma_loads_up_to_a_transfer_head_longer_ones_staged(fake_cuda):
     copies_2d = []
     lane._copy_2d[LOAD] = lambda *args: (copies_2d.append(args), FakeCopier2D().copy(*args))
     try:
-        head = transfer.DMA_LOAD_MAX_CHUNKS
+        head = transfer.TAIL_CHUNKS
         short, long = list(range(head)), list(range(head, 3 * head + 1))
         for ids in (short, long):
             before = cache.buffer.clone()

@@ -190,10 +190,8 @@ class Engine:
             self._counters["saves"] += 1
         head = lane.head_blocks(SAVE, inst.slot_bytes)
         parts = _pieces(len(ids), head, lane.tail_blocks(SAVE, inst.slot_bytes))
-        # An idle path gathers the head's first chunk while the head is booked.
-        pre = lane.pregather(kv, ids[: parts[0][1]], inst.slot_bytes, after_event) if head is not None else None
         return combine([(i, self._save_piece(inst, kv, lane, rank, ids[i : i + n], hashes[i : i + n], after_event,
-                                             lone=head is not None, pregathered=pre if i == 0 else None))
+                                             lone=head is not None))
                         for i, n in parts], len(ids))
 
     def load(self, instance_id: str, rank: int, block_ids: Sequence[int], hashes: Sequence[bytes]) -> TransferHandle:
@@ -222,8 +220,7 @@ class Engine:
     # saved (saves and loads at once fell from 0.84-0.92 to 0.66-0.91 of the ceiling).
 
     def _save_piece(self, inst: _Instance, kv: KVRegions, lane: Any, rank: int, ids: list[int],
-                    hashes: Sequence[bytes], after_event: Any, lone: bool = False,
-                    pregathered: Any = None) -> TransferHandle:
+                    hashes: Sequence[bytes], after_event: Any, lone: bool = False) -> TransferHandle:
         spec = inst.spec
         plan = self.index.prepare_save(
             inst.namespace, hashes, 0 if spec.replicated else rank, spec.stored_ranks, inst.slot_bytes
@@ -247,7 +244,7 @@ class Engine:
             handle._complete(TransferResult(ok, count if ok else 0, nbytes if ok else 0, plan.skipped, error=error))
 
         job = CopyJob(SAVE, kv, [ids[i] for i, _ in plan.writes], plan.offsets(), inst.slot_bytes, handle,
-                      finish, after_event, lone, pregathered)  # fmt: skip
+                      finish, after_event, lone)  # fmt: skip
         lane.submit(job)
         return handle
 

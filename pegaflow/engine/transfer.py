@@ -49,13 +49,10 @@ INLINE_MAX_CHUNKS = 64
 # On an idle path the engine books and launches a transfer's head apart, then pieces twice as
 # long, then its tail: copying starts after the head's bookkeeping, and each piece's
 # bookkeeping hides behind the copies of the one before. One 64 MiB chunk carries ~1.2 ms of
-# DMA. The tail (on busy paths too) lets the rest's completion bookkeeping overlap its copy.
+# DMA. The tail (on busy paths too) lets the rest's completion bookkeeping overlap its copy;
+# loads of at most TAIL_CHUNKS go by 2D DMA (see GpuLane._dma_load_plan).
 HEAD_CHUNKS = 2
 TAIL_CHUNKS = 2
-
-# Loads of at most this many staging chunks go by 2D DMA (see GpuLane._dma_load_plan), longer
-# ones through staging.
-DMA_LOAD_MAX_CHUNKS = 2
 
 # A block at least this long in one contiguous run (block-first layouts, BLNHC / BLHNC: every
 # layer's page of a block back to back) loads by the copy engines alone at any length, so the
@@ -75,14 +72,6 @@ WHOLE_BLOCK_DMA_BYTES = 256 << 10
 # and TTFT figures of 1, 2 and 4 streams differed by less than the host's run-to-run spread
 # (bench/NOTES.md, session 13). The lone one-block split is yet to be measured alone.
 DMA_STREAMS = 1
-
-# A staged save that finds its path idle has its first chunk gathered before the engine books
-# its slots (GpuLane.pregather): the gather needs the block ids only, so the first DMA waits
-# for the gather alone instead of for booking the head piece (a 70B TP8 save's 204 blocks:
-# ~0.3 ms on the dev machine, more on the GPU hosts), its table upload, then the gather.
-# The job reuses the gathered chunk and the table if its blocks are the ones gathered (no
-# block of the piece was skipped as held); else the chunk is gathered again.
-PREGATHER = True
 
 # Completion events of jobs up to this size spin-wait (about 0.3 ms of copy at most); larger
 # jobs' block. Measured on the H200 (bench/roundtrip.py --profile, 1-block jobs): spinning
@@ -136,7 +125,6 @@ class CopyJob:
     finish: Callable[[bool, str | None], None]  # engine bookkeeping; completes the handle
     after_event: Any = None
     lone: bool = False  # its transfer began on an idle path: someone waits on it (see LATE_SPIN)
-    pregathered: Any = None  # what GpuLane.pregather returned for these blocks
 
 
 class _Near:
@@ -278,12 +266,13 @@ class _Worker:
                     self._busy -= 1
 
 
-def _wait_for_producer(event: Any, stream: torch.cuda.Stream) -> None:
+def _wait_for_producer(job: CopyJob, stream: torch.cuda.Stream) -> None:
     """Order the save's reads after the forward that wrote its blocks. A producer event that
     has already completed (asked on the host, ~1 us) needs no GPU-side wait, which may need
     this process's context on the compute engine and so a switch away from the model's
     (suspected: on the H200 a matmul loop kept 0.947 of its rate beside DMA-only saves that
     waited, 1.006 in a two-process probe whose saves did not wait)."""
+    event = job.after_event
     if event is not None and not event.query():
         stream.wait_event(event)
 
@@ -320,10 +309,6 @@ class CpuLane:
 
     def tail_blocks(self, direction: str, slot_bytes: int) -> int | None:
         """Blocks the engine may book and submit apart at the end of a busy path's transfer."""
-        return None
-
-    def pregather(self, kv: KVRegions, block_ids: list[int], slot_bytes: int, after_event: Any = None) -> Any:
-        """Nothing to gather ahead: the CPU copies by address."""
         return None
 
     def _run(self, job: CopyJob, inline: bool = False) -> None:
@@ -376,14 +361,6 @@ class CpuLane:
             worker.close()
 
 
-@dataclass(eq=False)
-class _Pregathered:
-    """A save's first chunk, gathered into staging half 0 before its booking, and its table."""
-
-    block_ids: list[int]
-    table: Any
-
-
 class _Path:
     """One direction of a GPU lane: its streams, staging buffers, launcher and completer."""
 
@@ -410,8 +387,6 @@ class _Path:
         self.state_lock = threading.Lock()
         self.backlog = 0  # jobs handed to the launcher thread and not yet launched
         self.inflight = 0  # chunks launched and not yet completed
-        # What a pregather left in staging half 0 (GpuLane.pregather); any launch takes it.
-        self.pregathered: _Pregathered | None = None
 
     def buffers(self, slot_bytes: int) -> list[torch.Tensor]:
         """The two staging halves, grown (after draining) if one slot does not fit."""
@@ -467,36 +442,6 @@ class GpuLane:
         """TAIL_CHUNKS staging chunks' worth of blocks: a transfer's last piece, booked apart
         so that the rest's completion bookkeeping overlaps its copy."""
         return TAIL_CHUNKS * self._per_chunk(self._paths[direction], slot_bytes)
-
-    def pregather(self, kv: KVRegions, block_ids: list[int], slot_bytes: int, after_event: Any = None) -> Any:
-        """Before the engine books a save's head piece ``block_ids`` on an idle path: upload
-        their table and gather the first chunk into staging (see PREGATHER). Returns a token
-        for the job's ``pregathered`` (None where the save would not be staged or the path is
-        busy). The launch of that job reuses both if its blocks are still exactly these (none
-        was skipped); any launch discards them."""
-        if not PREGATHER or self._zero_copy or not block_ids or self._dma_plan(kv) is not None:
-            return None
-        path = self._paths[SAVE]
-        with path.launch_lock:
-            with path.state_lock:
-                if path.inflight or path.backlog:
-                    return None
-            try:
-                with torch.cuda.device(self.device), torch.cuda.stream(path.sm):
-                    staging = path.buffers(slot_bytes)
-                    table = self._copier.block_table(kv, block_ids, slot_bytes, to_kv=False)
-                    _wait_for_producer(after_event, path.sm)
-                    path.sm.wait_event(path.free[0])
-                    with _KERNEL_LOCK:
-                        self._copier.launch_rows(table, 0, min(len(block_ids), self._per_chunk(path, slot_bytes)),
-                                                 staging[0])
-                    path.ready[0].record(path.sm)
-            except Exception as exc:  # the job's own launch gathers again, and reports what fails
-                logger.debug("pregather of %d blocks failed: %s", len(block_ids), exc)
-                path.pregathered = None
-                return None
-            path.pregathered = _Pregathered(list(block_ids), table)
-            return path.pregathered
 
     def warm_up(self, kv: KVRegions, slot_bytes: int, label: str = "") -> None:
         """Compile, in the background, the copy kernels that transfers of ``kv`` will launch
@@ -574,9 +519,6 @@ class GpuLane:
 
     def _launch_locked(self, path: _Path, job: CopyJob, chunks: int, sync: bool = False) -> bool:
         event = job.handle._event
-        pre, path.pregathered = path.pregathered, None  # staging half 0 is this launch's now
-        if pre is None or pre is not job.pregathered or pre.block_ids != job.block_ids:
-            pre = None
         # Not for a save still waiting on its forward (a 10K-token prefill: ~0.3 s): its copy's
         # start is unknown, and the near event would fire while its own copies had yet to run.
         near = (_Near() if self._late_spin and job.lone and not sync and not self._zero_copy
@@ -592,7 +534,7 @@ class GpuLane:
                     if plan is not None:
                         self._dma_copy(path, job, plan, near)
                     else:
-                        self._staged_save(path, job, near, pre)
+                        self._staged_save(path, job, near)
                     end = path.dma
                 else:
                     plan = self._dma_load_plan(path, job)
@@ -642,8 +584,7 @@ class GpuLane:
             raise ValueError(f"slot offsets {min(job.offsets)}..{max(job.offsets)} (+{job.slot_bytes}) fall "
                              f"outside the pool's {self._pool.numel()} bytes")
 
-    def _staged_save(self, path: _Path, job: CopyJob, near: _Near | None = None,
-                     pre: _Pregathered | None = None) -> None:
+    def _staged_save(self, path: _Path, job: CopyJob, near: _Near | None = None) -> None:
         self._check_slots(job)
         slot = job.slot_bytes
         staging = path.buffers(slot)
@@ -655,19 +596,15 @@ class GpuLane:
         # them once more and uploads them once, so each chunk is one launch with no
         # validation or upload of its own.
         with torch.cuda.stream(path.sm):
-            if pre is not None:  # chunk 0 is in staging half 0 already, gathered after the producer
-                table = pre.table
-            else:
-                table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=False)
-                _wait_for_producer(job.after_event, path.sm)
+            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=False)
+            _wait_for_producer(job, path.sm)
             work = chunk_runs(job.offsets, slot, per_chunk)
             for k, (first, count, parts) in enumerate(work):
                 b = k % 2
-                if k or pre is None:
-                    path.sm.wait_event(path.free[b])
-                    with _KERNEL_LOCK:
-                        self._copier.launch_rows(table, first, count, staging[b])
-                    path.ready[b].record(path.sm)
+                path.sm.wait_event(path.free[b])
+                with _KERNEL_LOCK:
+                    self._copier.launch_rows(table, first, count, staging[b])
+                path.ready[b].record(path.sm)
                 if near is not None and k == len(work) - 1 and k:
                     near.mark(path.dma)  # the chunk before the last is out
                 path.dma.wait_event(path.ready[b])
@@ -687,7 +624,7 @@ class GpuLane:
         return self._plan(kv)
 
     def _dma_load_plan(self, path: _Path, job: CopyJob) -> tuple[dma.Rows, ...] | None:
-        """Loads of up to DMA_LOAD_MAX_CHUNKS staging chunks go by the copy engines
+        """Loads of up to one transfer tail (TAIL_CHUNKS staging chunks) go by the copy engines
         alone: a staged load costs the host ~0.4 ms more to launch (the id table's upload, a
         Triton launch, stream and event calls), more than 2D DMA loses to staging's bandwidth
         (0.93 against 0.97-0.98 of PCIe with 64 KiB rows) on up to ~400 MiB. A long load's
@@ -698,7 +635,7 @@ class GpuLane:
         plan = self._plan(job.kv)
         if plan is not None and _whole_blocks(plan, WHOLE_BLOCK_DMA_BYTES):
             return plan
-        if len(job.offsets) > DMA_LOAD_MAX_CHUNKS * self._per_chunk(path, job.slot_bytes):
+        if len(job.offsets) > TAIL_CHUNKS * self._per_chunk(path, job.slot_bytes):
             return None
         return plan
 
@@ -719,7 +656,7 @@ class GpuLane:
         """Each block's pages straight to (from) its slot, one 2D copy per row set: no SM work."""
         self._check_slots(job)
         if job.direction == SAVE:
-            _wait_for_producer(job.after_event, path.dma)
+            _wait_for_producer(job, path.dma)
         whole = _whole_run(plan, job.kv.regions[0].block_stride, job.slot_bytes)
         more = path.more_dma if len(job.block_ids) > 1 or not whole else []
         if more:
@@ -818,7 +755,7 @@ class GpuLane:
 
     def _zero_copy_job(self, path: _Path, job: CopyJob) -> None:
         slot = job.slot_bytes
-        _wait_for_producer(job.after_event, path.sm)
+        _wait_for_producer(job, path.sm)
         with torch.cuda.stream(path.sm):
             for p in pieces(job.offsets, slot, self._per_chunk(path, slot)):
                 ids = job.block_ids[p.first : p.first + p.count]
