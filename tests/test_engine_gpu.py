@@ -73,6 +73,7 @@ def test_round_trip_bit_exact_in_chunks(monkeypatch, mode, kind, launcher, strea
     monkeypatch.setattr(transfer, "DMA_STREAMS", streams)
     monkeypatch.setattr(transfer, "HEAD_CHUNKS", 1)  # 11 blocks in chunks of 3: pieces of 3, 5 and 3
     monkeypatch.setattr(transfer, "TAIL_CHUNKS", 1)
+    monkeypatch.setattr(transfer, "DMA_LOAD_MAX_CHUNKS", 1)
     if launcher == "thread":  # every job through the launcher thread
         monkeypatch.setattr(transfer, "INLINE_MAX_CHUNKS", 0)
     cache = make_cache(kind)

@@ -199,7 +199,7 @@ def test_dma_loads_up_to_a_transfer_head_longer_ones_staged(fake_cuda):
     copies_2d = []
     lane._copy_2d[LOAD] = lambda *args: (copies_2d.append(args), FakeCopier2D().copy(*args))
     try:
-        head = transfer.TAIL_CHUNKS
+        head = transfer.DMA_LOAD_MAX_CHUNKS
         short, long = list(range(head)), list(range(head, 3 * head + 1))
         for ids in (short, long):
             before = cache.buffer.clone()

@@ -18,7 +18,7 @@ DEFAULT_STAGING_BYTES = 128 << 20
 # Threads that first-touch the pool: page faults are per-core work, 16 cores on the GPU host.
 DEFAULT_PIN_THREADS = min(16, os.cpu_count() or 1)
 # "staged": gather into GPU staging, then DMA; "dma": saves by the copy engines alone (one 2D
-# copy per block, beside loads too), and loads of up to TAIL_CHUNKS staging chunks by the
+# copy per block, beside loads too), and loads of up to DMA_LOAD_MAX_CHUNKS staging chunks by the
 # copy engines too, longer ones staged; "auto": "dma" where a block's rows are at least
 # DMA_MIN_ROW_BYTES wide, else "staged"; "zero_copy": kernels read and write the pinned
 # pool directly. Measured on the H200 (2026-11-27), 512 scattered blocks per copy, 2D DMA against one

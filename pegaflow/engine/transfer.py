@@ -49,10 +49,17 @@ INLINE_MAX_CHUNKS = 64
 # On an idle path the engine books and launches a transfer's head apart, then pieces twice as
 # long, then its tail: copying starts after the head's bookkeeping, and each piece's
 # bookkeeping hides behind the copies of the one before. One 64 MiB chunk carries ~1.2 ms of
-# DMA. The tail (on busy paths too) lets the rest's completion bookkeeping overlap its copy;
-# loads of at most TAIL_CHUNKS go by 2D DMA (see GpuLane._dma_load_plan).
+# DMA. The tail (on busy paths too) lets the rest's completion bookkeeping overlap its copy.
 HEAD_CHUNKS = 2
 TAIL_CHUNKS = 2
+
+# Loads of at most this many staging chunks go by 2D DMA (see GpuLane._dma_load_plan), longer
+# ones through staging. Measured at 1 on an H100 (2026-12-07, bench/NOTES.md session 16): the
+# 64-block (1K-token) loads, staged, reached 0.756-0.806 of the TTFT bound against 0.689-0.775
+# by 2D DMA, but a matmul in the worker kept 0.887 / 0.896 of its rate beside full-speed
+# loads of 128-block jobs, staged, against 1.003 / 1.009 with their 64-block pieces by DMA:
+# the scatters' SM time slices cost the model more than a request's load gains.
+DMA_LOAD_MAX_CHUNKS = 2
 
 # A block at least this long in one contiguous run (block-first layouts, BLNHC / BLHNC: every
 # layer's page of a block back to back) loads by the copy engines alone at any length, so the
@@ -624,7 +631,7 @@ class GpuLane:
         return self._plan(kv)
 
     def _dma_load_plan(self, path: _Path, job: CopyJob) -> tuple[dma.Rows, ...] | None:
-        """Loads of up to one transfer tail (TAIL_CHUNKS staging chunks) go by the copy engines
+        """Loads of up to DMA_LOAD_MAX_CHUNKS staging chunks go by the copy engines
         alone: a staged load costs the host ~0.4 ms more to launch (the id table's upload, a
         Triton launch, stream and event calls), more than 2D DMA loses to staging's bandwidth
         (0.93 against 0.97-0.98 of PCIe with 64 KiB rows) on up to ~400 MiB. A long load's
@@ -635,7 +642,7 @@ class GpuLane:
         plan = self._plan(job.kv)
         if plan is not None and _whole_blocks(plan, WHOLE_BLOCK_DMA_BYTES):
             return plan
-        if len(job.offsets) > TAIL_CHUNKS * self._per_chunk(path, job.slot_bytes):
+        if len(job.offsets) > DMA_LOAD_MAX_CHUNKS * self._per_chunk(path, job.slot_bytes):
             return None
         return plan
 
