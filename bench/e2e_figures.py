@@ -297,7 +297,7 @@ def _await(rank: Any, key: Any) -> tuple[float, bool]:
 def _latencies(rank: Any, f: Figures, k: int, n: int, barrier: Any, target: list[int]) -> dict[str, Any]:
     """``n`` saves then ``n`` loads of ``k`` blocks, one at a time: milliseconds each."""
     # "<d>_call": the part of each spent in the submitting call (the request and its
-    # acceptance; with --no-wait the send alone); the rest is the copy, the server's
+    # acceptance with --wait; by default the send alone); the rest is the copy, the server's
     # completion and its push.
     out: dict[str, Any] = {"save": [], "load": [], "save_call": [], "load_call": [], "failed": 0, "mismatches": []}
     saved = []

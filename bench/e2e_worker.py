@@ -41,23 +41,25 @@ FIGURE_JOB_IDS = 1 << 40
 SLEEP_CYCLES = (2_000_000, 10_000_000)
 
 
-# The connector settings the benchmarks can turn off: (flag, setting, what turning it off does).
+# The connector settings the benchmarks can flip from their defaults: (flag, setting, its value
+# with the flag, what the flag does).
 CONNECTOR_SWITCHES = (
-    ("--no-wait", "wait_for_acceptance", "transfers sent without waiting for the server's acceptance"),
-    ("--no-board", "completion_board", "completions by ZMQ push only"),
-    ("--no-fast", "fast_lane", "transfers sent by ZMQ, not Unix datagrams"),
+    ("--wait", "wait_for_acceptance", True, "each transfer call waits for the server's acceptance"),
+    ("--no-board", "completion_board", False, "completions by ZMQ push only"),
+    ("--no-fast", "fast_lane", False, "transfers sent by ZMQ, not Unix datagrams"),
 )
 
 
 def add_connector_switches(parser: Any) -> None:
-    for flag, setting, effect in CONNECTOR_SWITCHES:
-        parser.add_argument(flag, dest=f"off_{setting}", action="store_true",
-                            help=f"connector setting {setting} false: {effect}")
+    for flag, setting, value, effect in CONNECTOR_SWITCHES:
+        parser.add_argument(flag, dest=f"flip_{setting}", action="store_true",
+                            help=f"connector setting {setting} {str(value).lower()}: {effect}")
 
 
 def connector_switches(args: Any) -> dict[str, bool]:
     """The settings of CONNECTOR_SWITCHES as the parsed flags leave them (WorkerConfig fields)."""
-    return {setting: not getattr(args, f"off_{setting}") for _, setting, _ in CONNECTOR_SWITCHES}
+    return {setting: value if getattr(args, f"flip_{setting}") else not value
+            for _, setting, value, _ in CONNECTOR_SWITCHES}
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class WorkerConfig:
     smoke: bool = False
     seed: int = 0
     # The connector settings of CONNECTOR_SWITCHES.
-    wait_for_acceptance: bool = True
+    wait_for_acceptance: bool = False
     completion_board: bool = True
     fast_lane: bool = True
 

@@ -3,8 +3,8 @@
 The server runs with stamps patched in at start-up (``bench/timeline_site/sitecustomize.py``:
 the loop's receive and sends, the deferred start, the engine call, the GPU lane's launch and
 completion wait, the completion callback); the client here is the connector's worker side (as
-in bench/e2e.py; with ``--no-wait`` it sends transfers without waiting for an acceptance,
-which the server then does not send) on a Llama-3-8B LBNHC cache. Saves, then loads, of 1 and 64 blocks, one at a
+in bench/e2e.py; it sends transfers without waiting for an acceptance, which the server
+then does not send, unless ``--wait``) on a Llama-3-8B LBNHC cache. Saves, then loads, of 1 and 64 blocks, one at a
 time, each after an idle gap (as a request finds the server). Both processes stamp
 CLOCK_MONOTONIC, so the steps line up; medians in microseconds.
 
@@ -34,7 +34,7 @@ from e2e_worker import Rank, WorkerConfig, add_connector_switches, connector_swi
 # call's return and the completion's arrival; "x:last" is the last stamp x within the request.
 STEPS = (
     ("call -> server has the message", "t0", "serve0"),
-    ("message -> reply sends", "serve0", "reply"),  # none with --no-wait
+    ("message -> reply sends", "serve0", "reply"),  # --wait only
     ("call returns", "t0", "call"),
     ("message -> engine call", "serve0", "engine0"),
     ("engine call -> launch (booking)", "engine0", "launch0"),

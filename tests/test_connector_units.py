@@ -475,7 +475,7 @@ def test_a_save_whose_event_cannot_be_shared_is_reported_failed_not_raised():
 
 
 def test_transfers_go_without_waiting_and_their_refusals_come_back_as_completions():
-    """With wait_for_acceptance false (true by default) the worker sends saves and loads with
+    """With wait_for_acceptance false (the default) the worker sends saves and loads with
     wait=False; a refusal arrives as a completion with the server's code: the load fails (vLLM
     recomputes), a lost registration is noted (the next transfer registers again), and a
     refused or abandoned save's event is discarded, not reused."""
@@ -492,7 +492,7 @@ def test_transfers_go_without_waiting_and_their_refusals_come_back_as_completion
 
     client = SimpleNamespace(load=lambda *a, **k: sent.append(("load", k)), save=lambda *a, **k: sent.append(("save", k)),
                              poll_completions=poll, close=lambda: None)
-    assert ConnectorSettings().wait_for_acceptance is True
+    assert ConnectorSettings().wait_for_acceptance is False
     with pytest.raises(ValueError, match="wait_for_acceptance"):
         ConnectorSettings(wait_for_acceptance="no")
     settings = ConnectorSettings(instance_id="i", wait_for_acceptance=False)

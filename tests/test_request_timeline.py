@@ -19,7 +19,7 @@ SERVER_STEPS = ("call -> server has the message", "message -> engine call", "com
 def test_timeline_stamps_every_server_step(tmp_path, wait):
     out = tmp_path / "timeline.json"
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "request_timeline.py"), "--cpu", "--n", "2",
-                          "--sizes", "1,2", "--gap-ms", "0", "--json", str(out), *([] if wait else ["--no-wait"])],
+                          "--sizes", "1,2", "--gap-ms", "0", "--json", str(out), *(["--wait"] if wait else [])],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     steps = json.loads(out.read_text())["steps_us"]

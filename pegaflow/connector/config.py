@@ -43,10 +43,11 @@ class ConnectorSettings:
     * ``auth_token``: the shared secret of a server started with one (``$PEGAFLOW_AUTH_TOKEN``
       overrides it; the client reads that variable itself when this is unset).
     * ``wait_for_acceptance``: a save or load call returns once the server has accepted it
-      (True, the default) or once it is sent (False: the server then answers with the
+      (True) or once it is sent (False, the default: the server then answers with the
       completion alone and a refusal arrives as a failed completion; one message and one
-      wait less per transfer, but on an H100 host it lowered neither the overhead nor the
-      TTFT: bench/results/e2e-h100-nowait.json).
+      wait less per transfer, and with the fast lane the server starts the copy without
+      sending a reply first. On two H100 hosts, four same-call rounds, it lowered the
+      overhead and raised the TTFT figures in most: bench/NOTES.md, session 16).
     * ``completion_board``: the server also marks each transfer that copied every block on a
       shared-memory page the worker reads (``pegaflow.board``), so a completion is seen
       without the server's loop and two ZMQ I/O threads waking first (True, the default).
@@ -63,7 +64,7 @@ class ConnectorSettings:
     retry_max_s: float = 30.0
     save_scope: str = "all"
     auth_token: str | None = field(default=None, repr=False)
-    wait_for_acceptance: bool = True
+    wait_for_acceptance: bool = False
     completion_board: bool = True
     fast_lane: bool = True
 
