@@ -81,7 +81,8 @@ def make_lane(pool: torch.Tensor, staging_bytes: int, zero_copy: bool, dma_min_r
     return lane
 
 
-def run(lane: GpuLane, direction: str, kv, block_ids, offsets, slot: int, after_event=None) -> tuple[bool, str | None]:
+def run(lane: GpuLane, direction: str, kv, block_ids, offsets, slot: int, after_event=None,
+        lone: bool = False) -> tuple[bool, str | None]:
     done = threading.Event()
     outcome: list = []
     handle = TransferHandle(FakeEvent())
@@ -90,7 +91,7 @@ def run(lane: GpuLane, direction: str, kv, block_ids, offsets, slot: int, after_
         outcome.append((ok, error))
         done.set()
 
-    lane.submit(CopyJob(direction, kv, list(block_ids), list(offsets), slot, handle, finish, after_event))
+    lane.submit(CopyJob(direction, kv, list(block_ids), list(offsets), slot, handle, finish, after_event, lone))
     assert done.wait(10)
     assert handle._launched and handle._event.recorded == 1
     return outcome[0]
@@ -190,7 +191,10 @@ def test_dma_saves_go_by_the_copy_engines_also_while_loads_run(fake_cuda):
         lane.close()
 
 
-def test_dma_loads_up_to_a_transfer_head_longer_ones_staged(fake_cuda):
+@pytest.mark.parametrize("lone", [False, True], ids=["busy-path", "lone"])
+def test_short_loads_by_dma_longer_ones_staged(fake_cuda, lone):
+    """Up to DMA_LOAD_MAX_CHUNKS staging chunks by 2D DMA; a lone load (someone waits on it)
+    up to LONE_DMA_LOAD_MAX_CHUNKS; one block more is staged."""
     cache = allocate_attention_kv_cache("LBNHC", num_layers=3, num_blocks=16, num_kv_heads=1, head_size=8,
                                         block_size=4, dtype=torch.bfloat16)  # fmt: skip
     slot = cache.regions.block_bytes
@@ -199,12 +203,13 @@ def test_dma_loads_up_to_a_transfer_head_longer_ones_staged(fake_cuda):
     copies_2d = []
     lane._copy_2d[LOAD] = lambda *args: (copies_2d.append(args), FakeCopier2D().copy(*args))
     try:
-        head = transfer.DMA_LOAD_MAX_CHUNKS
-        short, long = list(range(head)), list(range(head, 3 * head + 1))
+        most = transfer.LONE_DMA_LOAD_MAX_CHUNKS if lone else transfer.DMA_LOAD_MAX_CHUNKS
+        assert transfer.LONE_DMA_LOAD_MAX_CHUNKS != transfer.DMA_LOAD_MAX_CHUNKS  # else lone tells nothing
+        short, long = list(range(most)), list(range(most, 2 * most + 1))
         for ids in (short, long):
             before = cache.buffer.clone()
             offsets = [(15 - b) * slot for b in ids]
-            assert run(lane, LOAD, cache.regions, ids, offsets, slot) == (True, None)
+            assert run(lane, LOAD, cache.regions, ids, offsets, slot, lone=lone) == (True, None)
             for b, off in zip(ids, offsets):
                 assert torch.equal(block_bytes(cache, b), pool[off : off + slot])
             others = [b for b in range(16) if b not in ids]

@@ -54,12 +54,17 @@ HEAD_CHUNKS = 2
 TAIL_CHUNKS = 2
 
 # Loads of at most this many staging chunks go by 2D DMA (see GpuLane._dma_load_plan), longer
-# ones through staging. Measured at 1 on an H100 (2026-12-07, bench/NOTES.md session 16): the
-# 64-block (1K-token) loads, staged, reached 0.756-0.806 of the TTFT bound against 0.689-0.775
-# by 2D DMA, but a matmul in the worker kept 0.887 / 0.896 of its rate beside full-speed
-# loads of 128-block jobs, staged, against 1.003 / 1.009 with their 64-block pieces by DMA:
-# the scatters' SM time slices cost the model more than a request's load gains.
+# ones through staging; for a lone load (its transfer found the path idle: a request waits on
+# it), LONE_DMA_LOAD_MAX_CHUNKS. Measured on an H100 (2026-12-07, bench/NOTES.md session 16)
+# with both at 1 against both at 2: lone 64-block (1K-token) loads, staged, reached
+# 0.756-0.806 of the TTFT bound against 0.689-0.775 by 2D DMA (4K: 0.888-0.902 against
+# 0.865-0.883), but a matmul in the worker kept 0.887 / 0.896 of its rate beside full-speed
+# loads of 128-block jobs whose 64-block pieces (on a busy path) were staged, against 1.003 /
+# 1.009 by DMA: the scatters' SM time slices cost the model more than bulk loads gain. So a
+# lone load is staged from 2 chunks on, as it was from 3, and a busy path's pieces of up to
+# 2 chunks still go by DMA.
 DMA_LOAD_MAX_CHUNKS = 2
+LONE_DMA_LOAD_MAX_CHUNKS = 1
 
 # A block at least this long in one contiguous run (block-first layouts, BLNHC / BLHNC: every
 # layer's page of a block back to back) loads by the copy engines alone at any length, so the
@@ -631,18 +636,20 @@ class GpuLane:
         return self._plan(kv)
 
     def _dma_load_plan(self, path: _Path, job: CopyJob) -> tuple[dma.Rows, ...] | None:
-        """Loads of up to DMA_LOAD_MAX_CHUNKS staging chunks go by the copy engines
-        alone: a staged load costs the host ~0.4 ms more to launch (the id table's upload, a
-        Triton launch, stream and event calls), more than 2D DMA loses to staging's bandwidth
-        (0.93 against 0.97-0.98 of PCIe with 64 KiB rows) on up to ~400 MiB. A long load's
-        head and tail pieces are such loads; its middle is staged. Blocks that are one
-        contiguous run of at least WHOLE_BLOCK_DMA_BYTES go by the copy engines at any length."""
+        """Loads of up to DMA_LOAD_MAX_CHUNKS staging chunks (a lone one's:
+        LONE_DMA_LOAD_MAX_CHUNKS) go by the copy engines alone, with no SM work in this
+        process to take time slices from the model's; longer ones are staged, whose copies
+        run at 0.97-0.98 of PCIe against 2D DMA's 0.93 with 64 KiB rows (a staged load's first
+        DMA needs no id table, so its launch hides behind that copy). A busy path's short
+        pieces (a long load's tail) are such loads. Blocks that are one contiguous run of at
+        least WHOLE_BLOCK_DMA_BYTES go by the copy engines at any length."""
         if self._dma_min_row is None:
             return None
         plan = self._plan(job.kv)
         if plan is not None and _whole_blocks(plan, WHOLE_BLOCK_DMA_BYTES):
             return plan
-        if len(job.offsets) > DMA_LOAD_MAX_CHUNKS * self._per_chunk(path, job.slot_bytes):
+        most = LONE_DMA_LOAD_MAX_CHUNKS if job.lone else DMA_LOAD_MAX_CHUNKS
+        if len(job.offsets) > most * self._per_chunk(path, job.slot_bytes):
             return None
         return plan
 
