@@ -64,13 +64,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--inflight", type=int, default=3, help="bulk jobs in flight per direction")
     p.add_argument("--rounds", type=int, default=3, help="rounds of each bulk figure")
     p.add_argument("--interference-rounds", type=int, default=None, help="alone/with rounds (default 12)")
+    p.add_argument("--interference-job-blocks", type=int, default=128,
+                   help="blocks per transfer beside the matmul, at most --job-blocks (default 128: a busy path "
+                        "loads their 64-block pieces by 2D DMA; longer loads have staged middles)")
     p.add_argument("--overhead-n", type=int, default=None, help="requests per size for the overhead (default 100)")
     p.add_argument("--ttft-tokens", default=None, help="prompt lengths (default 1024,4096,10240)")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: replay,bulk,overhead,interference,ttft")
     add_connector_switches(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds a worker may take for one command")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.interference_job_blocks < 1:
+        p.error(f"--interference-job-blocks must be at least 1, got {args.interference_job_blocks}")
+    return args
 
 
 class Workers:
@@ -257,7 +263,7 @@ def figures(workers: Workers, args: argparse.Namespace, smoke: bool, job_blocks:
         # Loads first (they read the bulk saves' blocks); the saves' churn then evicts those.
         for direction in ("load", "save"):
             arg = {"direction": direction, "rounds": rounds, "inflight": 2 if smoke else 4,
-                   "job_blocks": min(job_blocks, 4 if smoke else 128), "matmul_n": 64 if smoke else 8192,
+                   "job_blocks": min(job_blocks, 4 if smoke else args.interference_job_blocks), "matmul_n": 64 if smoke else 8192,
                    "target_ms": 5 if smoke else 200}
             res = out[f"interference_{direction}"] = workers.call("interference", arg)
             log(f"interference ({direction}s): ratios {[round(x, 3) for x in res[0]['ratios']]}, "
