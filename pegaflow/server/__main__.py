@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "page size, but the gathers slow the model by ~10%%); auto = dma where pages are >= 64 KiB, "
                         "else staged (default); zero_copy = kernels write pinned memory directly (in-process use "
                         "only). With dma (and auto where it picks dma), loads of up to --staging-size bytes also go by the copy engines "
-                        "alone (they launch ~0.4 ms sooner); longer loads are staged")
+                        "alone, so the model keeps the SMs (a load that finds the load path idle, which a request "
+                        "waits on: up to half that, as staged copies run nearer PCIe speed); longer loads are staged")
     parser.add_argument("--switch-interval", type=float, default=0.0005,
                         help="seconds a Python thread may hold the GIL while another waits (sys.setswitchinterval; "
                         "Python's default is 0.005): short keeps request latency's tail short")
