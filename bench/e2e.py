@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--staging-size", default=None, help="the server's --staging-size (default: the server's)")
     p.add_argument("--save-path", default=None, help="the server's --save-path (default: the server's)")
     p.add_argument("--switch-interval", default=None, help="the server's --switch-interval (default: the server's)")
+    p.add_argument("--spin-us", default=None, help="the server's --spin-us (default: the server's)")
     p.add_argument("--steps", type=int, default=None, help="replay steps (default 250; smoke 60)")
     p.add_argument("--job-blocks", type=int, default=None, help="blocks per bulk job (default 512; smoke 8)")
     p.add_argument("--inflight", type=int, default=3, help="bulk jobs in flight per direction")
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"({num_blocks * block_bytes / GIB:.2f} GiB), pool {pool}, {'CPU smoke' if smoke else 'GPU ' + ','.join(devices)}")
     extra = (("--staging-size", args.staging_size) if args.staging_size else ()) + (
         ("--save-path", args.save_path) if args.save_path else ()) + (
-        ("--switch-interval", args.switch_interval) if args.switch_interval else ())
+        ("--switch-interval", args.switch_interval) if args.switch_interval else ()) + (
+        ("--spin-us", args.spin_us) if args.spin_us else ())
     server = ServerProcess(*extra, pool_size=pool, device="cpu" if smoke else ",".join(devices), client_timeout=60.0,
                            ready_timeout_s=180.0)
     log(f"server ready on {server.ipc}")
