@@ -57,8 +57,9 @@ def add_connector_switches(parser: Any) -> None:
 
 
 def connector_switches(args: Any) -> dict[str, bool]:
-    """The settings of CONNECTOR_SWITCHES as the parsed flags leave them (WorkerConfig fields)."""
-    return {setting: value if getattr(args, f"flip_{setting}") else not value
+    """The settings of CONNECTOR_SWITCHES as the parsed flags leave them (WorkerConfig fields):
+    the connector's defaults where no flag is given."""
+    return {setting: value if getattr(args, f"flip_{setting}") else getattr(ConnectorSettings, setting)
             for _, setting, value, _ in CONNECTOR_SWITCHES}
 
 
@@ -75,10 +76,10 @@ class WorkerConfig:
     ttft_tokens: tuple[int, ...] = ()
     smoke: bool = False
     seed: int = 0
-    # The connector settings of CONNECTOR_SWITCHES.
-    wait_for_acceptance: bool = False
-    completion_board: bool = True
-    fast_lane: bool = True
+    # The connector settings of CONNECTOR_SWITCHES (defaults: the connector's).
+    wait_for_acceptance: bool = ConnectorSettings.wait_for_acceptance
+    completion_board: bool = ConnectorSettings.completion_board
+    fast_lane: bool = ConnectorSettings.fast_lane
 
 
 @dataclass(frozen=True)
