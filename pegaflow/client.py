@@ -405,7 +405,7 @@ class PegaClient:
         self.server_info = {k: v for k, v in reply.items() if k not in ("id", "ok", "lost_jobs")}
         self._need_hello = False
         for job_id in reply.get("lost_jobs") or ():
-            self._noticed.pop(int(job_id), None)
+            self._unwatch(int(job_id))
             self._posted.pop(self._posted_jobs.pop(int(job_id), -1), None)
             self._completions.append(Completion(
                 job_id=int(job_id), kind="", ok=False,
@@ -472,21 +472,25 @@ class PegaClient:
         self._noticed[job_id] = (tag, str(msg["op"]), blocks, nbytes)
         self._tagged.add(slot)
 
+    def _unwatch(self, job_id: int) -> tuple[int, str, int, int] | None:
+        """Stop watching the job's board slot; what was watched, if anything."""
+        noticed = self._noticed.pop(job_id, None)
+        if noticed is not None:
+            self._tagged.discard(slot_of(noticed[0]))
+        return noticed
+
     def _drop_notice(self, msg: dict[str, Any]) -> None:
         tag = msg.get("notify")
         if tag is not None:
             job_id = int(msg["job_id"])
             noticed = self._noticed.get(job_id)
             if noticed is not None and noticed[0] == tag:
-                del self._noticed[job_id]
-                self._tagged.discard(slot_of(tag))
+                self._unwatch(job_id)
 
     def _forget_notice(self, job_id: int) -> bool:
         """The job's completion came another way: stop watching its slot. True if it was
         reported from the board already (then this copy is dropped)."""
-        noticed = self._noticed.pop(job_id, None)
-        if noticed is not None:
-            self._tagged.discard(slot_of(noticed[0]))
+        self._unwatch(job_id)
         if job_id in self._early:
             self._early.discard(job_id)
             return True
@@ -505,9 +509,8 @@ class PegaClient:
             return
         self._board_count = count
         done = [(job_id, n) for job_id, n in self._noticed.items() if words[slot_of(n[0])] == n[0]]
-        for job_id, (tag, kind, blocks, nbytes) in done:
-            del self._noticed[job_id]
-            self._tagged.discard(slot_of(tag))
+        for job_id, (_, kind, blocks, nbytes) in done:
+            self._unwatch(job_id)
             self._early.add(job_id)
             if self._posted_jobs:
                 self._posted.pop(self._posted_jobs.pop(job_id, -1), None)
