@@ -4,9 +4,9 @@ It blocks in one ``recv`` on the ROUTER (bounded by RCVTIMEO: the sweep period, 
 ``TOUCH_IDLE_MS`` while queries' LRU refreshes wait to be applied: they are applied when
 that receive times out), answers requests through :class:`Service`, pushes completions, and
 sweeps silent sessions every heartbeat period. Engine threads (completions) and the signal
-handler wake it with a frame on an inproc DEALER connected to the same ROUTER, so the hot
-path is one recv and one send per request: no poller, no pipe. With an ipc:// endpoint the
-loop also serves a fast lane (``protocol.FAST_SUFFIX``): saves and loads that clients send as
+handler wake it with a frame on an inproc DEALER connected to the same ROUTER, so without a
+fast lane the hot path is one recv and one send per request: no poller, no pipe. With an
+ipc:// endpoint the loop also serves a fast lane (``protocol.FAST_SUFFIX``): saves and loads that clients send as
 Unix datagrams, which wake this thread directly; it then waits on both in one poll, and reads
 the datagrams waiting before each ROUTER message (a client's datagram, sent before its next
 ZMQ message, is served first). After a message, while no
