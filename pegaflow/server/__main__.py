@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--switch-interval", type=float, default=0.0005,
                         help="seconds a Python thread may hold the GIL while another waits (sys.setswitchinterval; "
                         "Python's default is 0.005): short keeps request latency's tail short")
-    parser.add_argument("--spin-us", type=float, default=200.0,
+    parser.add_argument("--spin-us", type=float, default=2000.0,
                         help="after each message, while no transfer is in flight, microseconds the server "
                         "busy-polls its socket before it sleeps: a request that follows within them is read "
                         "at once (1,000-hash queries ~25%% faster on the dev machine); costs that much CPU "

@@ -64,9 +64,13 @@ class LoopConfig:
     auth_token: str | None = field(default=None, repr=False)  # every hello must present it
     # Busy-poll window after each message while no transfer is in flight (0: always block).
     # On the dev machine a 1,000-hash query went from 1.25-1.38x a blocking echo's round trip
-    # to 0.78-1.09x with 200 us (bench/NOTES.md, session 10). Not while transfers run: the
-    # spinning thread holds the GIL that their completion threads need.
-    spin_s: float = 200e-6
+    # to 0.78-1.09x with 200 us (bench/NOTES.md, session 10). 2 ms since 2026-12-07: on an
+    # H100 host (bench/e2e.py, two interleaved rounds) a lone 1-block load's overhead p50 went
+    # from 296-438 to 231-241 us and a 64-block load's from 646-716 to 579-594 us against
+    # 200 us, as requests that follow a worker's own work (its checks, its forward) still find
+    # the loop awake (bench/NOTES.md, session 17). Not while transfers run: the spinning
+    # thread holds the GIL that their completion threads need.
+    spin_s: float = 2e-3
 
     def __post_init__(self) -> None:
         if not isinstance(self.endpoint, str) or "://" not in self.endpoint:
