@@ -9,7 +9,7 @@ to completion). Each is timed from the client's call to its answer; the ceiling 
 pyzmq ROUTER (another process) echoing the very bytes of that request to a DEALER, measured in
 the same run, interleaved round by round with ours so that both see the same machine load.
 
-The server busy-polls its socket for ``--spin-us`` (200 us by default) after each message
+The server busy-polls its socket for ``--spin-us`` (2 ms by default) after each message
 while no transfer is in flight; the blocking echo does not, so ours can beat it. A second
 echo that busy-polls the same way is measured as a peer (``spin_echo_*``, rows
 ``pegaflow p50 us (ratio=busy-poll echo/ours)``): the fair ceiling for the server's own work.
