@@ -97,12 +97,17 @@ def test_a_rank_still_held_by_a_dead_worker_backs_off_instead_of_failing_every_t
             assert errors.get("not_registered", 0) == errors_before.get("not_registered", 0), errors
             assert errors.get("already_registered", 0) > errors_before.get("already_registered", 0), errors
             # The old worker goes (bye): the new one registers after its back-off and saves work.
+            # Waited on by the new worker's own state: the server's count reads 1 both before
+            # the bye lands (the old registration) and after the new one registered.
             old.workers[0].connector._worker.shutdown()
+            new_side = new.workers[0].connector._worker
             deadline = time.monotonic() + 20.0
             i = 0
-            while observer.stats()["server"]["registrations"] != 1 and time.monotonic() < deadline:
+            while not new_side._registered and time.monotonic() < deadline:
                 run_prefix(new, f"m{i}", tokens(300 + i, BLOCK_SIZE))
                 i += 1
+            assert new_side._registered, "the new worker never registered after the old one left"
+            assert observer.stats()["server"]["registrations"] == 1
             prefix = tokens(6, PREFIX_BLOCKS * BLOCK_SIZE)
             saved = run_prefix(new, "B", prefix)
             assert loaded_pages(new, "C", prefix + tokens(7, 5)) == saved
