@@ -77,6 +77,7 @@ def test_round_trip_bit_exact_in_chunks(monkeypatch, mode, kind, launcher, strea
     if launcher == "thread":  # every job through the launcher thread
         monkeypatch.setattr(transfer, "INLINE_MAX_CHUNKS", 0)
     cache = make_cache(kind)
+    monkeypatch.setattr(transfer, "RAMP_BYTES", slot_of(cache))  # lone pieces' short end chunks: one block
     engine = engine_for(cache, mode, slots=64)
     try:
         src = [40, 3, 17, 5, 6, 7, 8, 63, 0, 22, 11]  # 11 blocks: 4 chunks of <= 3
@@ -224,6 +225,39 @@ def test_kv_on_a_device_the_engine_does_not_serve_is_rejected():
             engine.register_kv("vllm-0", 0, cpu.regions)
     finally:
         engine.close()
+
+
+def test_tables_uploaded_behind_a_held_stream_are_each_read_right(monkeypatch):
+    """The uploader reuses one device table and a few pinned host buffers: with the stream held
+    (a long sleep) every table still reaches its own launches, through the ring while a host
+    buffer is free, the old way once none is, and across a growth of the device buffer."""
+    import random
+
+    from pegaflow.engine import tables
+    from pegaflow.kernels import triton_copy
+
+    monkeypatch.setattr(tables, "INITIAL_ENTRIES", 16)  # below one table: the buffers grow
+    rng = random.Random(os.urandom(8))
+    cache = make_cache("LBNHC")
+    kv, pitch = cache.regions, slot_of(cache)
+    stream = torch.cuda.Stream()
+    uploader = tables.TableUploader(torch.device("cuda", 0), stream, buffers=3)
+    wanted, rows = [], []
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(PRODUCER_SLEEP_CYCLES // 4)  # uploads and launches queue behind it
+        for i in range(12):
+            ids = rng.sample(range(NUM_BLOCKS), 1 + 3 * i)
+            table = triton_copy.block_table(kv, ids, pitch, to_kv=False, upload=uploader.upload)
+            buf = torch.empty(len(ids) * pitch, dtype=torch.uint8, device="cuda")
+            triton_copy.launch_rows(table, 0, len(ids), buf)
+            wanted.append(ids)
+            rows.append(buf)
+    stream.synchronize()
+    assert uploader.fallbacks > 0, "the stream was not held long enough to use up the host buffers"
+    for ids, buf in zip(wanted, rows):
+        got = [buf[j * pitch : j * pitch + kv.block_bytes].cpu() for j in range(len(ids))]
+        assert same(got, blocks(cache, ids))
 
 
 @pytest.mark.parametrize("inline", [False, True], ids=["launcher-thread", "inline"])

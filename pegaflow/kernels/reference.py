@@ -71,8 +71,9 @@ class BlockTable:
     ids: np.ndarray
 
 
-def block_table(kv: KVRegions, block_ids: Ids, pitch: int, *, to_kv: bool) -> BlockTable:
-    """Check ``block_ids`` (in range; unique when writing the KV cache) and the row pitch."""
+def block_table(kv: KVRegions, block_ids: Ids, pitch: int, *, to_kv: bool, upload: object = None) -> BlockTable:
+    """Check ``block_ids`` (in range; unique when writing the KV cache) and the row pitch.
+    The ids stay on the host (``upload``, the Triton copy's device upload, is not used)."""
     ids = plan_table(kv, block_ids, pitch, to_kv=to_kv)
     return BlockTable(kv, int(ids.size), pitch, to_kv, ids)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -305,18 +306,25 @@ class BlockTable:
 
 
 def block_table(kv: KVRegions, block_ids: Ids, pitch: int, *, to_kv: bool,
-                tuning: Tuning = DEFAULT_TUNING) -> BlockTable:
+                tuning: Tuning = DEFAULT_TUNING,
+                upload: Callable[[np.ndarray], torch.Tensor | None] | None = None) -> BlockTable:
     """Check ``block_ids`` (in range; unique when writing the KV cache) and upload them.
 
     ``pitch``: bytes between rows of the buffers to come, a multiple of 16 and at least one block.
     The upload is enqueued on the current stream: launch the table's rows on that stream (or
     one that waits for it), or a launch may read the ids before they have arrived.
+    ``upload``: puts the int64 table on the KV cache's device instead of a pinned copy and
+    ``.to()`` (e.g. :class:`pegaflow.engine.tables.TableUploader`, bound to the same stream),
+    or returns None to leave it to them.
     """
     ids = plan_table(kv, block_ids, pitch, to_kv=to_kv)
     if kv.device.type != "cuda" and not _interpreting():
         raise ValueError(f"the KV cache is on {kv.device}: the Triton copy needs CUDA (use pegaflow.kernels.reference)")
     shape = _shape(kv, math.gcd(ROW_BUFFER_ALIGN, pitch), tuning)
-    table = _upload(np.concatenate([_kv_launch(kv, shape.word).geometry, ids]), kv.device)
+    host = np.concatenate([_kv_launch(kv, shape.word).geometry, ids])
+    table = upload(host) if upload is not None and kv.device.type == "cuda" else None
+    if table is None:
+        table = _upload(host, kv.device)
     return BlockTable(kv, int(ids.size), pitch, to_kv, table, shape)
 
 
