@@ -68,11 +68,19 @@ DMA_LOAD_MAX_CHUNKS = 2
 LONE_DMA_LOAD_MAX_CHUNKS = 1
 
 # A lone staged load's last chunk and a lone staged save's first chunk hold at most this many
-# bytes: the scatter after a load's last DMA and the gather before a save's first DMA are the
-# SM work nothing overlaps, ~50 us for a 64 MiB chunk on the H100 against ~7 us for 8 MiB. The
-# chunk next to the short one still moves through the SM while the short one's DMA (~0.15 ms)
-# runs.
-RAMP_BYTES = 8 << 20
+# bytes (0: whole chunks): the scatter after a load's last DMA and the gather before a save's
+# first DMA are the SM work nothing overlaps, estimated at ~50 us for a 64 MiB chunk on the
+# H100 against ~7 us for 8 MiB (HBM speed); the chunk next to the short one still moves
+# through the SM while the short one's DMA (~0.15 ms) runs. Off until measured: written in
+# session 18, when no GPU machine could be had; 8 << 20 is the value to A/B
+# (bench/NOTES.md, session 18).
+RAMP_BYTES = 0
+
+# Staged transfers' block-id tables go through each path's TableUploader (a pinned ring and
+# one reused device buffer, pegaflow.engine.tables) instead of pin_memory() + .to() per piece.
+# Off until run on the GPU (tests/test_engine_gpu.py turns it on) and measured: written in
+# session 18, when no GPU machine could be had.
+TABLE_RING = False
 
 # A block at least this long in one contiguous run (block-first layouts, BLNHC / BLHNC: every
 # layer's page of a block back to back) loads by the copy engines alone at any length, so the
@@ -646,7 +654,8 @@ class GpuLane:
         # them once more and uploads them once, so each chunk is one launch with no
         # validation or upload of its own.
         with torch.cuda.stream(path.sm):
-            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=False, upload=path.tables.upload)
+            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=False,
+                                             upload=path.tables.upload if TABLE_RING else None)
             _wait_for_producer(job, path.sm)
             work = chunk_runs(job.offsets, slot, per_chunk, first_count=self._ramp(job))
             for k, (first, count, parts) in enumerate(work):
@@ -797,7 +806,8 @@ class GpuLane:
         # once and the table's upload and the first scatter's launch hide behind it.
         copy(0)
         with torch.cuda.stream(path.sm):  # the upload and the scatters: SM stream
-            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=True, upload=path.tables.upload)
+            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=True,
+                                             upload=path.tables.upload if TABLE_RING else None)
             # DMA k+1 is enqueued before scatter k, so the copy engine always has the next
             # chunk queued even if enqueueing a scatter blocks this thread.
             for k in range(1, len(work)):
