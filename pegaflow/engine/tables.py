@@ -16,7 +16,6 @@ of the stream reuses:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +23,6 @@ import numpy as np
 import torch
 
 from pegaflow.engine import dma
-
-logger = logging.getLogger(__name__)
 
 # Host buffers per stream. A table waits in its host buffer until the stream reaches its
 # upload, behind the jobs queued before it (up to INLINE_MAX_CHUNKS chunks, ~80 ms of copy);
@@ -47,8 +44,7 @@ class TableUploader:
         self._device = device
         self._stream = stream
         self._copy = copy
-        self._host: list[np.ndarray | None] = [None] * buffers
-        self._host_tensors: list[torch.Tensor | None] = [None] * buffers  # keep the pinned memory alive
+        self._host: list[np.ndarray | None] = [None] * buffers  # views of pinned tensors (kept alive by them)
         self._copied: list[Any] = [None] * buffers  # event after the copy out of each host buffer
         self._next = 0
         self._device_table: torch.Tensor | None = None
@@ -66,9 +62,7 @@ class TableUploader:
         n = int(table.size)
         host = self._host[i]
         if host is None or host.size < n:
-            pinned = _pinned(max(n, INITIAL_ENTRIES))
-            self._host_tensors[i], host = pinned, pinned.numpy()
-            self._host[i] = host
+            host = self._host[i] = _pinned(max(n, INITIAL_ENTRIES)).numpy()
             self._copied[i] = torch.cuda.Event()
         dev = self._device_table
         if dev is None or dev.numel() < n:

@@ -632,6 +632,11 @@ class GpuLane:
     def _per_chunk(self, path: _Path, slot_bytes: int) -> int:
         return max(1, path.half // slot_bytes)
 
+    def _block_table(self, path: _Path, job: CopyJob, to_kv: bool) -> Any:
+        """The job's checked ids on the device, uploaded on the current stream (the path's SM)."""
+        return self._copier.block_table(job.kv, job.block_ids, job.slot_bytes, to_kv=to_kv,
+                                        upload=path.tables.upload if TABLE_RING else None)
+
     def _ramp(self, job: CopyJob) -> int:
         """Blocks of a lone job's short end chunk (RAMP_BYTES); 0: none (a busy path's job)."""
         return max(1, RAMP_BYTES // job.slot_bytes) if job.lone and RAMP_BYTES else 0
@@ -654,8 +659,7 @@ class GpuLane:
         # them once more and uploads them once, so each chunk is one launch with no
         # validation or upload of its own.
         with torch.cuda.stream(path.sm):
-            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=False,
-                                             upload=path.tables.upload if TABLE_RING else None)
+            table = self._block_table(path, job, to_kv=False)
             _wait_for_producer(job, path.sm)
             work = chunk_runs(job.offsets, slot, per_chunk, first_count=self._ramp(job))
             for k, (first, count, parts) in enumerate(work):
@@ -806,8 +810,7 @@ class GpuLane:
         # once and the table's upload and the first scatter's launch hide behind it.
         copy(0)
         with torch.cuda.stream(path.sm):  # the upload and the scatters: SM stream
-            table = self._copier.block_table(job.kv, job.block_ids, slot, to_kv=True,
-                                             upload=path.tables.upload if TABLE_RING else None)
+            table = self._block_table(path, job, to_kv=True)
             # DMA k+1 is enqueued before scatter k, so the copy engine always has the next
             # chunk queued even if enqueueing a scatter blocks this thread.
             for k in range(1, len(work)):
