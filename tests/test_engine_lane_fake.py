@@ -114,7 +114,6 @@ def test_lane_round_trip_over_scattered_slots(fake_cuda, monkeypatch, mode, chun
     slot = cache.regions.block_bytes + 256  # a slot larger than the block: padding must not leak
     pool = torch.zeros(40 * slot, dtype=torch.uint8)
     lane = make_lane(pool, 2 * chunk_blocks * slot, zero_copy, 0 if mode == "dma" else None)
-    monkeypatch.setattr(transfer, "RAMP_BYTES", slot)  # a lone job's short end chunk: one block
     try:
         src = [5, 0, 31, 7, 8, 9, 2]
         slots = [3, 4, 5, 10, 11, 0, 39]  # runs of 3, 2, 1, 1
@@ -136,41 +135,6 @@ def test_lane_round_trip_over_scattered_slots(fake_cuda, monkeypatch, mode, chun
             assert torch.equal(block_bytes(cache, b), data)
     finally:
         lane.close()
-
-
-@pytest.mark.parametrize("lone", [False, True])
-def test_a_lone_staged_job_cuts_its_exposed_end_chunk_short(fake_cuda, monkeypatch, lone):
-    # A load's last scatter and a save's first gather run with no copy beside them: a lone
-    # job makes that chunk RAMP_BYTES long; a busy path's job keeps whole chunks.
-    cache = allocate_attention_kv_cache("LBNHC", num_layers=2, num_blocks=16, num_kv_heads=1, head_size=8,
-                                        block_size=4, dtype=torch.bfloat16)  # fmt: skip
-    slot = cache.regions.block_bytes
-    pool = torch.zeros(16 * slot, dtype=torch.uint8)
-    lane = make_lane(pool, 2 * 3 * slot, False)  # chunks of 3 blocks
-    monkeypatch.setattr(transfer, "RAMP_BYTES", slot)
-    launches = []
-
-    class Spy:
-        block_table = staticmethod(reference.block_table)
-
-        @staticmethod
-        def launch_rows(table, first, count, buffer):
-            launches.append((table.to_kv, first, count))
-            reference.launch_rows(table, first, count, buffer)
-
-    lane._copier = Spy
-    try:
-        src, dst, offsets = [0, 1, 2, 3, 4, 5], [8, 9, 10, 11, 12, 13], [s * slot for s in range(6)]
-        assert run(lane, SAVE, cache.regions, src, offsets, slot, lone=lone) == (True, None)
-        assert run(lane, LOAD, cache.regions, dst, offsets, slot, lone=lone) == (True, None)
-        for a, b in zip(src, dst):
-            assert torch.equal(block_bytes(cache, a), block_bytes(cache, b))
-    finally:
-        lane.close()
-    saves = [(f, c) for to_kv, f, c in launches if not to_kv]
-    loads = [(f, c) for to_kv, f, c in launches if to_kv]
-    assert saves == ([(0, 1), (1, 2), (3, 3)] if lone else [(0, 3), (3, 3)])
-    assert loads == ([(0, 3), (3, 2), (5, 1)] if lone else [(0, 3), (3, 3)])
 
 
 def small_lane(dma_min_row: int | None):

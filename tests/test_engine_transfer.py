@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pegaflow.engine.transfer import Piece, block_runs, chunk_bounds, chunk_runs, pieces, runs
+from pegaflow.engine.transfer import Piece, block_runs, chunk_runs, pieces, runs
 
 S = 4096
 
@@ -69,34 +69,3 @@ def test_block_runs_cover_every_block_once_in_consecutive_blocks_and_slots(pairs
     assert flat == list(zip(ids, offsets))
     for (b, off, n), (b2, off2, _) in zip(out, out[1:]):
         assert not (b2 == b + n and off2 == off + n * S), "two runs that touch were not merged"
-
-
-def test_chunk_bounds_cut_a_short_first_or_last_chunk():
-    assert chunk_bounds(64, 32) == [0, 32, 64]
-    assert chunk_bounds(64, 32, last_count=4) == [0, 32, 60, 64]
-    assert chunk_bounds(64, 32, first_count=4) == [0, 4, 32, 64]
-    assert chunk_bounds(3, 32, first_count=4, last_count=4) == [0, 3]  # already short
-    assert chunk_bounds(6, 32, first_count=4, last_count=4) == [0, 4, 6]
-    assert chunk_bounds(0, 32, 4, 4) == [0]
-
-
-@given(st.lists(st.integers(0, 63), unique=True, max_size=40), st.integers(1, 9), st.integers(0, 5),
-       st.integers(0, 5))
-def test_chunk_runs_with_short_ends_cover_every_block_once_in_order(slots, cap, first_count, last_count):
-    offsets = [s * S for s in slots]
-    work = chunk_runs(offsets, S, cap, first_count, last_count)
-    bounds = chunk_bounds(len(offsets), cap, first_count, last_count)
-    assert [first for first, _, _ in work] == bounds[:-1]
-    if first_count and work:
-        assert work[0][1] <= first_count
-    if last_count and work:
-        assert work[-1][1] <= last_count
-    seen = []
-    for first, count, parts in work:
-        assert 0 < count <= cap and sum(p.count for p in parts) == count and parts[0].first == first
-        for p in parts:
-            assert p.count >= 1
-            for j in range(p.count):
-                assert offsets[p.first + j] == p.offset + j * S
-                seen.append(p.first + j)
-    assert seen == list(range(len(offsets)))

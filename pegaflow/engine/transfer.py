@@ -67,15 +67,6 @@ TAIL_CHUNKS = 2
 DMA_LOAD_MAX_CHUNKS = 2
 LONE_DMA_LOAD_MAX_CHUNKS = 1
 
-# A lone staged load's last chunk and a lone staged save's first chunk hold at most this many
-# bytes (0: whole chunks): the scatter after a load's last DMA and the gather before a save's
-# first DMA are the SM work nothing overlaps, estimated at ~50 us for a 64 MiB chunk on the
-# H100 against ~7 us for 8 MiB (HBM speed); the chunk next to the short one still moves
-# through the SM while the short one's DMA (~0.15 ms) runs. Off until measured: written in
-# session 18, when no GPU machine could be had; 8 << 20 is the value to A/B
-# (bench/NOTES.md, session 18).
-RAMP_BYTES = 0
-
 # Staged transfers' block-id tables go through each path's TableUploader (a pinned ring and
 # one reused device buffer, pegaflow.engine.tables) instead of pin_memory() + .to() per piece.
 # Off until run on the GPU (tests/test_engine_gpu.py turns it on) and measured: written in
@@ -246,40 +237,15 @@ def pieces(offsets: list[int], slot_bytes: int, max_count: int) -> list[Piece]:
     return [Piece(*run) for run in runs(offsets, slot_bytes, max_count)]
 
 
-def chunk_bounds(count: int, max_count: int, first_count: int = 0, last_count: int = 0) -> list[int]:
-    """Where each chunk of a job of ``count`` blocks starts, then ``count``: at every multiple
-    of ``max_count``; with ``first_count`` (``last_count``) the first (last) chunk is cut to
-    at most that many blocks (see RAMP_BYTES)."""
-    bounds = [*range(0, count, max_count), count]
-    if first_count and len(bounds) > 1 and bounds[1] > first_count:
-        bounds.insert(1, first_count)
-    if last_count and len(bounds) > 1 and bounds[-1] - bounds[-2] > last_count:
-        bounds.insert(len(bounds) - 1, count - last_count)
-    return bounds
-
-
-def chunk_runs(offsets: list[int], slot_bytes: int, max_count: int, first_count: int = 0,
-               last_count: int = 0) -> list[tuple[int, int, list[Piece]]]:
-    """``(first, count, pieces)`` of each chunk (:func:`chunk_bounds`), its blocks as runs of
-    consecutive slots."""
-    n = len(offsets)
-    if n == 0:
-        return []
-    bounds = chunk_bounds(n, max_count, first_count, last_count)
-    whole = runs(offsets, slot_bytes, n)
+def chunk_runs(offsets: list[int], slot_bytes: int, max_count: int) -> list[tuple[int, int, list[Piece]]]:
+    """``(first, count, pieces)`` of each chunk: blocks ``[k * max_count, ...)`` at most ``max_count``."""
     out: list[tuple[int, int, list[Piece]]] = []
-    i = 0
-    for a, b in zip(bounds, bounds[1:]):
-        parts: list[Piece] = []
-        while i < len(whole) and whole[i][0] < b:
-            start, offset, size = whole[i]
-            lo, hi = max(start, a), min(start + size, b)
-            parts.append(Piece(lo, offset + (lo - start) * slot_bytes, hi - lo))
-            if start + size > b:  # the run goes on in the next chunk
-                break
-            i += 1
-        out.append((a, b - a, parts))
-    return out
+    for piece in pieces(offsets, slot_bytes, max_count):
+        first = piece.first - piece.first % max_count
+        if not out or out[-1][0] != first:
+            out.append((first, 0, []))
+        out[-1][2].append(piece)
+    return [(first, sum(p.count for p in parts), parts) for first, _, parts in out]
 
 
 class _Worker:
@@ -637,10 +603,6 @@ class GpuLane:
         return self._copier.block_table(job.kv, job.block_ids, job.slot_bytes, to_kv=to_kv,
                                         upload=path.tables.upload if TABLE_RING else None)
 
-    def _ramp(self, job: CopyJob) -> int:
-        """Blocks of a lone job's short end chunk (RAMP_BYTES); 0: none (a busy path's job)."""
-        return max(1, RAMP_BYTES // job.slot_bytes) if job.lone and RAMP_BYTES else 0
-
     def _check_slots(self, job: CopyJob) -> None:
         """The DMAs take raw addresses: every slot must lie inside the pool."""
         if job.offsets and (min(job.offsets) < 0 or max(job.offsets) + job.slot_bytes > self._pool.numel()):
@@ -661,7 +623,7 @@ class GpuLane:
         with torch.cuda.stream(path.sm):
             table = self._block_table(path, job, to_kv=False)
             _wait_for_producer(job, path.sm)
-            work = chunk_runs(job.offsets, slot, per_chunk, first_count=self._ramp(job))
+            work = chunk_runs(job.offsets, slot, per_chunk)
             for k, (first, count, parts) in enumerate(work):
                 b = k % 2
                 path.sm.wait_event(path.free[b])
@@ -784,7 +746,7 @@ class GpuLane:
         self._check_slots(job)
         slot = job.slot_bytes
         staging = path.buffers(slot)
-        work = chunk_runs(job.offsets, slot, self._per_chunk(path, slot), last_count=self._ramp(job))
+        work = chunk_runs(job.offsets, slot, self._per_chunk(path, slot))
         rows = [t.data_ptr() for t in staging]
         pool, stream = self._pool.data_ptr(), path.dma.cuda_stream
 
