@@ -77,7 +77,6 @@ def test_round_trip_bit_exact_in_chunks(monkeypatch, mode, kind, launcher, strea
     if launcher == "thread":  # every job through the launcher thread
         monkeypatch.setattr(transfer, "INLINE_MAX_CHUNKS", 0)
     cache = make_cache(kind)
-    monkeypatch.setattr(transfer, "TABLE_RING", True)
     engine = engine_for(cache, mode, slots=64)
     try:
         src = [40, 3, 17, 5, 6, 7, 8, 63, 0, 22, 11]  # 11 blocks: 4 chunks of <= 3

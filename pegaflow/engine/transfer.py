@@ -68,10 +68,14 @@ DMA_LOAD_MAX_CHUNKS = 2
 LONE_DMA_LOAD_MAX_CHUNKS = 1
 
 # Staged transfers' block-id tables go through each path's TableUploader (a pinned ring and
-# one reused device buffer, pegaflow.engine.tables) instead of pin_memory() + .to() per piece.
-# Off until run on the GPU (tests/test_engine_gpu.py turns it on) and measured: written in
-# session 18, when no GPU machine could be had.
-TABLE_RING = False
+# one reused device buffer, pegaflow.engine.tables) instead of pin_memory() + .to() per piece:
+# 17 against 40 us per 300-id table on an H100 host. A/B in one call (H100, 2026-12-07,
+# bench/NOTES.md session 19, two interleaved rounds): engine staged saves 0.944 / 0.935 of the
+# ceiling against 0.926 / 0.929 (Llama-3-70B TP8) and 0.930 / 0.922 against 0.900 / 0.920
+# (Qwen2.5-7B), loads 0.950 / 0.962 against 0.930 / 0.937 and 0.954 / 0.951 against 0.934 /
+# 0.934; lone 256 / 640-block loads' engine call 10-15 % shorter; e2e overhead and TTFT within
+# the noise of the same call.
+TABLE_RING = True
 
 # A block at least this long in one contiguous run (block-first layouts, BLNHC / BLHNC: every
 # layer's page of a block back to back) loads by the copy engines alone at any length, so the
