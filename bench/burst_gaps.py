@@ -4,7 +4,8 @@ The bursts of ``bench/engine.py`` (512 blocks a transfer, at least 1 GiB a burst
 every DMA of the GPU lane wrapped by two timing events on its stream. Per burst: when the
 first copy starts after the first call, how long the copy engine idles between copies, the
 copies' own rate while they run, and how long the last handle takes to complete after the
-last copy ends. The rates stand beside one contiguous pinned copy of one transfer's bytes,
+last copy ends. The first piece's booking and launch are timed on the host
+from the same origin. The rates stand beside one contiguous pinned copy of one transfer's bytes,
 measured in the same run; medians over the bursts.
 
     python bench/burst_gaps.py --json bench/results/burst_gaps-h100.json
@@ -45,13 +46,20 @@ def copy_gaps(copies: list[tuple[float, float]]) -> tuple[float, float, float]:
 
 
 class DmaClock:
-    """Wraps a GpuLane's DMA function: two timing events around each copy on its stream."""
+    """Wraps a GpuLane's DMA function (two timing events around each copy on its stream) and
+    its submit (host times around each job's submission: booking ends where it is called)."""
 
     def __init__(self, lane) -> None:
         self.streams = {p.dma.cuda_stream: p.dma for p in lane._paths.values()}
         self.marks: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
-        self._dma = lane._dma
-        lane._dma = self
+        self.submits: list[tuple[float, float]] = []
+        self._dma, self._submit = lane._dma, lane.submit
+        lane._dma, lane.submit = self, self.submit
+
+    def submit(self, job) -> None:
+        start = time.perf_counter()
+        self._submit(job)
+        self.submits.append((start, time.perf_counter()))
 
     def __call__(self, dst: int, src: int, nbytes: int, stream: int) -> None:
         s = self.streams[stream]
@@ -68,6 +76,7 @@ def one_burst(case, make, count: int, clock: DmaClock) -> dict[str, float]:
     case.keep_held()
     torch.cuda.synchronize()
     clock.marks.clear()
+    clock.submits.clear()
     calls = [make() for _ in range(count)]
     origin = torch.cuda.Event(enable_timing=True)
     t0 = time.perf_counter()
@@ -82,7 +91,9 @@ def one_burst(case, make, count: int, clock: DmaClock) -> dict[str, float]:
     spans = [(origin.elapsed_time(a) * 1e3, origin.elapsed_time(b) * 1e3) for a, b, _ in clock.marks]
     first, idle, last = copy_gaps(spans)
     nbytes = sum(n for _, _, n in clock.marks)
-    return {"first_copy_us": first, "idle_us": idle, "tail_us": wall_us - last, "copies_gbps": nbytes / (last - first) / 1e3,
+    submit_start, submit_end = clock.submits[0]
+    return {"first_submit_us": (submit_start - t0) * 1e6, "first_launch_us": (submit_end - submit_start) * 1e6,
+            "first_copy_us": first, "idle_us": idle, "tail_us": wall_us - last, "copies_gbps": nbytes / (last - first) / 1e3,
             "wall_gbps": count * case.nbytes / wall_us / 1e3, "copies": len(spans)}
 
 
@@ -116,6 +127,10 @@ def main() -> None:
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                 note = f"{burst[case.name]} transfers of {args.blocks} blocks, {int(med['copies'])} copies a burst"
                 rows += [
+                    Row(case.name, direction, "first-piece-booked-us", True, round(med["first_submit_us"], 1), "us",
+                        note="from the first call to the first piece's submit to the lane"),
+                    Row(case.name, direction, "first-piece-launch-us", True, round(med["first_launch_us"], 1), "us",
+                        note="host time of that submit (inline launch)"),
                     Row(case.name, direction, "first-copy-start-us", True, round(med["first_copy_us"], 1), "us", note=note),
                     Row(case.name, direction, "idle-between-copies-us", True, round(med["idle_us"], 1), "us"),
                     Row(case.name, direction, "last-copy-to-done-us", True, round(med["tail_us"], 1), "us"),
