@@ -21,6 +21,10 @@ def _has_cuda() -> bool:
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every direct kernel launch in the tests (and the servers they start) checks that its kept
+# variant is the one Triton would pick (pegaflow.kernels.triton_copy.VERIFY_LAUNCH).
+os.environ.setdefault("PEGAFLOW_VERIFY_LAUNCH", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if _has_cuda():

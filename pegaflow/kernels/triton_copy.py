@@ -19,6 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # the launch hooks a direct launch passes on as JITFunction.run would
+    from triton import knobs as _knobs
+except ImportError:  # older Triton: every launch goes through JITFunction.run
+    _knobs = None
+
 from pegaflow.kernels.regions import KVRegions, _storage_bytes_view
 from pegaflow.kernels.validate import CopyPlan, Ids, check_rows, plan_copy, plan_table
 
@@ -261,15 +266,69 @@ def _run_kernel(kv: KVRegions, shape: _Shape, table: torch.Tensor, count: int, f
     if num_regions > MAX_GRID_YZ:
         raise ValueError(f"a KV cache of {num_regions} regions exceeds the {MAX_GRID_YZ} a launch can address")
     kv_words = _kv_launch(kv, shape.word).anchor_words
-    # Bytes past the buffer's last row are never addressed: validation bounded the rows.
-    buf_words = _buffer_words(buffer, shape.word)
+    consts = (shape.chunk, shape.step, shape.align, shape.even, use_slots, to_kv, shape.streaming)
     for start in range(first, first + launch_count, MAX_GRID_YZ):
         grid = (shape.chunks_per_page, num_regions, min(MAX_GRID_YZ, first + launch_count - start))
-        _copy_pages_kernel[grid](
-            kv_words, buf_words, table, num_regions, count, start, row_shift, pitch // shape.word,
-            CHUNK=shape.chunk, STEP=shape.step, ALIGN=shape.align, EVEN=shape.even, USE_SLOTS=use_slots,
-            TO_KV=to_kv, STREAM=shape.streaming, num_warps=shape.num_warps,
-        )
+        _launch_variant(grid, kv_words, buffer, table, (num_regions, count, start, row_shift, pitch // shape.word),
+                        shape, consts)
+
+
+# A launch through JITFunction.run binds and specializes every argument again: most of a
+# staged chunk's ~64 us launch on the H100 hosts (bench/NOTES.md, sessions 15 and 19), paid
+# once per chunk for the same variant. After a variant's first launch its CompiledKernel is
+# kept under a key of everything Triton specializes these arguments on (the device, each
+# pointer's 16-byte alignment, the values of the ints that are specialized, the constexprs
+# and warps; the word dtypes follow from the shape) and launched directly, pointers as ints.
+# Off until it has run on a GPU (Triton 3.6 there, 3.8 here).
+FAST_LAUNCH = False
+# The GPU tests set this: each direct launch first asks Triton which variant it would have
+# picked and raises if that is not the one the key found.
+VERIFY_LAUNCH = os.environ.get("PEGAFLOW_VERIFY_LAUNCH") == "1"
+_INT32 = 1 << 31
+_compiled: dict[tuple, object] = {}
+
+
+def _launch_variant(grid: tuple[int, int, int], kv_words: torch.Tensor, buffer: torch.Tensor, table: torch.Tensor,
+                    ints: tuple[int, int, int, int, int], shape: _Shape, consts: tuple) -> None:
+    num_regions, count, start, row_shift, slot_words = ints
+    key = None
+    # count, start and row_shift are not specialized, but Triton types them i32 or i64 by value.
+    if FAST_LAUNCH and _knobs is not None and not _interpreting() and -_INT32 <= min(count, start, row_shift) \
+            and max(count, start, row_shift) < _INT32:
+        device = torch.cuda.current_device()
+        key = (device, shape, consts, num_regions, slot_words, kv_words.data_ptr() % 16 == 0,
+               buffer.data_ptr() % 16 == 0, table.data_ptr() % 16 == 0)
+        kernel = _compiled.get(key)
+        if kernel is not None:
+            if VERIFY_LAUNCH:
+                _verify_variant(kernel, grid, kv_words, buffer, table, ints, shape, consts)
+            # Host buffers (zero-copy) go as tensors: the launcher then asks the driver for
+            # their device address.
+            buf = buffer.data_ptr() if buffer.device.type == "cuda" else buffer
+            args = (kv_words.data_ptr(), buf, table.data_ptr(), *ints, *consts)
+            stream = torch._C._cuda_getCurrentRawStream(device)
+            kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+                       kernel.launch_metadata(grid, stream, *args), _knobs.runtime.launch_enter_hook,
+                       _knobs.runtime.launch_exit_hook, *args)
+            return
+    # Bytes past the buffer's last row are never addressed: validation bounded the rows.
+    kernel = _copy_pages_kernel[grid](kv_words, _buffer_words(buffer, shape.word), table, *ints,
+                                      **_const_kwargs(consts), num_warps=shape.num_warps)
+    if key is not None and kernel is not None:
+        _compiled[key] = kernel
+
+
+def _const_kwargs(consts: tuple) -> dict[str, object]:
+    return dict(zip(("CHUNK", "STEP", "ALIGN", "EVEN", "USE_SLOTS", "TO_KV", "STREAM"), consts, strict=True))
+
+
+def _verify_variant(kernel: object, grid: tuple[int, int, int], kv_words: torch.Tensor, buffer: torch.Tensor,
+                    table: torch.Tensor, ints: tuple, shape: _Shape, consts: tuple) -> None:
+    picked = _copy_pages_kernel.warmup(kv_words, _buffer_words(buffer, shape.word), table, *ints, grid=grid,
+                                       **_const_kwargs(consts), num_warps=shape.num_warps)
+    if picked is not kernel:
+        raise RuntimeError(f"direct launch keyed a kernel variant Triton would not pick (grid {grid}, ints {ints}, "
+                           f"consts {consts}): the variant key misses something Triton specializes on")
 
 
 def _launch(kv: KVRegions, plan: CopyPlan, buffer: torch.Tensor, to_kv: bool, tuning: Tuning) -> None:

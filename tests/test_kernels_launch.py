@@ -1,0 +1,127 @@
+"""Direct launches of a kept CompiledKernel (triton_copy.FAST_LAUNCH): taken after a
+variant's first launch, bit-exact, and keyed on everything Triton specializes on. The GPU
+tests run with PEGAFLOW_VERIFY_LAUNCH=1 (conftest), so every direct launch also asks Triton
+which variant it would pick and raises on a mismatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pegaflow.kernels import reference, triton_copy
+from test_kernels import LAYOUTS, assert_same_bytes, clone_kv, raw_bytes, some_ids
+from test_kernels_block_table import aligned_buffer, pitch_for
+
+STAGING = ("cuda", "staging")
+
+
+@pytest.fixture
+def fresh_variants(monkeypatch):
+    """An empty variant cache, verification on, and a count of the direct launches."""
+    monkeypatch.setattr(triton_copy, "_compiled", {})
+    monkeypatch.setattr(triton_copy, "FAST_LAUNCH", True)
+    monkeypatch.setattr(triton_copy, "VERIFY_LAUNCH", True)
+    direct = []
+    verify = triton_copy._verify_variant
+
+    def counting(*args, **kwargs):
+        direct.append(args[1])  # the grid
+        verify(*args, **kwargs)
+
+    monkeypatch.setattr(triton_copy, "_verify_variant", counting)
+    return direct
+
+
+def gather_rows(kv, table, ids, pitch, first, count) -> None:
+    window, whole, start = aligned_buffer(count * pitch, STAGING)
+    expected_whole = whole.clone()
+    expected = expected_whole[start : start + window.numel()]
+    triton_copy.launch_rows(table, first, count, window)
+    reference.gather_into_slots(kv, ids[first : first + count], expected, list(range(count)), pitch)
+    torch.cuda.synchronize()
+    assert_same_bytes(whole, expected_whole, f"rows [{first}, +{count})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["LBNHC", "fp8_ds_mla"])
+def test_later_chunks_launch_directly_and_copy_bit_exact(layout: str, fresh_variants) -> None:
+    kv = LAYOUTS[layout]("cuda").regions
+    ids = some_ids(kv.num_blocks, 6, seed=3)
+    pitch = pitch_for(kv.block_bytes)
+    table = triton_copy.block_table(kv, ids, pitch, to_kv=False)
+    for first, count in ((0, 2), (2, 3), (5, 1)):
+        gather_rows(kv, table, ids, pitch, first, count)
+    assert len(triton_copy._compiled) == 1
+    assert [grid[2] for grid in fresh_variants] == [3, 1]  # the first launch compiled or found the variant
+
+
+@pytest.mark.gpu
+def test_scatter_launches_directly_and_leaves_other_blocks(fresh_variants) -> None:
+    kv = LAYOUTS["LBNHC"]("cuda").regions
+    ids = some_ids(kv.num_blocks, 4, seed=4)
+    pitch = pitch_for(kv.block_bytes)
+    table = triton_copy.block_table(kv, ids, pitch, to_kv=True)
+    expected_kv = clone_kv(kv)
+    for first, count in ((0, 2), (2, 2)):
+        window, _, _ = aligned_buffer(count * pitch, STAGING)
+        triton_copy.launch_rows(table, first, count, window)
+        reference.scatter_from_slots(expected_kv, ids[first : first + count], window, list(range(count)), pitch)
+    torch.cuda.synchronize()
+    assert_same_bytes(raw_bytes(kv.regions[0].owner), raw_bytes(expected_kv.regions[0].owner), "KV after scatters")
+    assert len(fresh_variants) == 1
+
+
+@pytest.mark.gpu
+def test_table_alignment_is_part_of_the_key(fresh_variants) -> None:
+    """A table 8 bytes past a 16-byte boundary is another variant for Triton: it must not
+    reuse the aligned table's kernel (verification raises if it does)."""
+    kv = LAYOUTS["LBNHC"]("cuda").regions
+    ids = some_ids(kv.num_blocks, 4, seed=5)
+    pitch = pitch_for(kv.block_bytes)
+
+    def at_offset(words: int):
+        def upload(host):
+            backing = torch.empty(host.size + 4, dtype=torch.int64, device="cuda")
+            view = backing[words : words + host.size]
+            view.copy_(torch.from_numpy(host))
+            return view
+        return upload
+
+    aligned = triton_copy.block_table(kv, ids, pitch, to_kv=False, upload=at_offset(0))
+    shifted = triton_copy.block_table(kv, ids, pitch, to_kv=False, upload=at_offset(1))
+    assert aligned.table.data_ptr() % 16 == 0 and shifted.table.data_ptr() % 16 == 8
+    for table in (aligned, shifted, aligned, shifted):
+        gather_rows(kv, table, ids, pitch, 0, 4)
+    assert len(triton_copy._compiled) == 2
+    assert len(fresh_variants) == 2
+
+
+@pytest.mark.gpu
+def test_fast_launch_off_goes_through_triton(monkeypatch, fresh_variants) -> None:
+    monkeypatch.setattr(triton_copy, "FAST_LAUNCH", False)
+    kv = LAYOUTS["LBNHC"]("cuda").regions
+    ids = some_ids(kv.num_blocks, 4, seed=6)
+    pitch = pitch_for(kv.block_bytes)
+    table = triton_copy.block_table(kv, ids, pitch, to_kv=False)
+    for first, count in ((0, 2), (2, 2)):
+        gather_rows(kv, table, ids, pitch, first, count)
+    assert not triton_copy._compiled and not fresh_variants
+
+
+def test_interpreter_never_keeps_variants(monkeypatch) -> None:
+    """On the CPU (Triton's interpreter) every launch goes through the interpreter."""
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter runs only without CUDA")
+    monkeypatch.setattr(triton_copy, "_compiled", {})
+    kv = LAYOUTS["LBNHC"]("cpu").regions
+    ids = some_ids(kv.num_blocks, 3, seed=7)
+    pitch = pitch_for(kv.block_bytes)
+    table = triton_copy.block_table(kv, ids, pitch, to_kv=False)
+    for first, count in ((0, 2), (2, 1)):
+        window, whole, start = aligned_buffer(count * pitch, ("cpu", "host"))
+        expected_whole = whole.clone()
+        triton_copy.launch_rows(table, first, count, window)
+        expected = expected_whole[start : start + window.numel()]
+        reference.gather_into_slots(kv, ids[first : first + count], expected, list(range(count)), pitch)
+        assert_same_bytes(whole, expected_whole, f"rows [{first}, +{count})")
+    assert not triton_copy._compiled
