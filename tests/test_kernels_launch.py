@@ -125,3 +125,88 @@ def test_interpreter_never_keeps_variants(monkeypatch) -> None:
         reference.gather_into_slots(kv, ids[first : first + count], expected, list(range(count)), pitch)
         assert_same_bytes(whole, expected_whole, f"rows [{first}, +{count})")
     assert not triton_copy._compiled
+
+
+class FakeCompiled:
+    """A CompiledKernel's launch interface, recording each direct launch."""
+
+    function = "function"
+    packed_metadata = "packed"
+
+    def __init__(self) -> None:
+        self.launches: list[tuple] = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return ("metadata", grid)
+
+    @property
+    def run(self):
+        return lambda *call: self.launches.append(call)
+
+
+class FakeJit:
+    """Stands in for the JIT kernel on the CPU: one FakeCompiled per variant, keyed as Triton
+    specializes (pointer alignment, constexprs); records each launch's bound arguments."""
+
+    def __init__(self, arg_names: list[str]) -> None:
+        self.arg_names = arg_names
+        self.variants: dict[tuple, FakeCompiled] = {}
+        self.bound: list[dict] = []
+
+    def _variant(self, args, kwargs) -> FakeCompiled:
+        bound = dict(zip(self.arg_names, args)) | {k: v for k, v in kwargs.items() if k != "num_warps"}
+        key = tuple((name, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else (name, v)
+                    for name, v in bound.items() if name not in ("count", "first", "row_shift"))
+        return bound, self.variants.setdefault(key, FakeCompiled())
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            bound, kernel = self._variant(args, kwargs)
+            self.bound.append(bound)
+            return kernel
+        return launch
+
+    def warmup(self, *args, grid, **kwargs):
+        return self._variant(args, kwargs)[1]
+
+
+def test_direct_launch_passes_what_triton_binds(monkeypatch) -> None:
+    """The logic of the direct path on the CPU, against a fake JIT kernel: the second launch of
+    a variant goes direct with the same arguments, in the kernel's parameter order (pointers
+    as addresses), on the current stream; another table alignment is another variant."""
+    fake = FakeJit(list(triton_copy._copy_pages_kernel.arg_names))
+    monkeypatch.setattr(triton_copy, "_copy_pages_kernel", fake)
+    monkeypatch.setattr(triton_copy, "_interpreting", lambda: False)
+    monkeypatch.setattr(triton_copy, "_compiled", {})
+    monkeypatch.setattr(triton_copy, "FAST_LAUNCH", True)
+    monkeypatch.setattr(triton_copy, "VERIFY_LAUNCH", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
+    kv = LAYOUTS["LBNHC"]("cpu").regions
+    pitch = pitch_for(kv.block_bytes)
+    shape = triton_copy._shape(kv, 256, triton_copy.DEFAULT_TUNING)
+    backing = torch.zeros(32, dtype=torch.int64)
+    aligned = backing[(-backing.data_ptr() // 8) % 2 :][:16]
+    shifted = backing[(-backing.data_ptr() // 8) % 2 + 1 :][:16]
+    buffer = torch.zeros(4 * pitch, dtype=torch.uint8)
+
+    def run(table, first, count):
+        triton_copy._run_kernel(kv, shape, table, 6, first, count, first, buffer, pitch, False, False)
+
+    run(aligned, 0, 2)
+    run(aligned, 2, 3)
+    assert len(fake.bound) == 1, "the second launch of a variant went through the JIT"
+    (kernel,) = fake.variants.values()
+    ((grid_0, grid_1, grid_2, stream, function, packed, metadata, enter, exit_, *args),) = kernel.launches
+    assert (grid_0, grid_1, grid_2) == (shape.chunks_per_page, len(kv.regions), 3)
+    assert (stream, function, packed) == (1234, "function", "packed")
+    assert metadata == ("metadata", (grid_0, grid_1, grid_2))
+    assert enter is triton_copy._knobs.runtime.launch_enter_hook
+    expected = dict(fake.bound[0], first=2, row_shift=2)
+    expected["kv_ptr"] = expected["kv_ptr"].data_ptr()
+    expected["table_ptr"] = expected["table_ptr"].data_ptr()
+    assert expected["buf_ptr"].data_ptr() == buffer.data_ptr()
+    assert args[1] is buffer  # a host buffer goes as a tensor; the rest in parameter order:
+    assert dict(zip(fake.arg_names, args)) == dict(expected, buf_ptr=buffer)
+    run(shifted, 0, 2)
+    assert len(fake.bound) == 2 and len(triton_copy._compiled) == 2, "an 8-byte-aligned table reused a variant"

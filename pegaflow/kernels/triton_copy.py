@@ -21,7 +21,7 @@ import triton.language as tl
 
 try:  # the launch hooks a direct launch passes on as JITFunction.run would
     from triton import knobs as _knobs
-except ImportError:  # older Triton: every launch goes through JITFunction.run
+except ImportError:  # Triton before 3.4 (its launcher took other arguments): no direct launches
     _knobs = None
 
 from pegaflow.kernels.regions import KVRegions, _storage_bytes_view
@@ -277,8 +277,9 @@ def _run_kernel(kv: KVRegions, shape: _Shape, table: torch.Tensor, count: int, f
 # staged chunk's ~64 us launch on the H100 hosts (bench/NOTES.md, sessions 15 and 19), paid
 # once per chunk for the same variant. After a variant's first launch its CompiledKernel is
 # kept under a key of everything Triton specializes these arguments on (the device, each
-# pointer's 16-byte alignment, the values of the ints that are specialized, the constexprs
-# and warps; the word dtypes follow from the shape) and launched directly, pointers as ints.
+# pointer's 16-byte alignment, the values of the ints that are specialized, the constexprs,
+# warps and debug; the word dtypes follow from the shape) and launched directly, pointers as
+# ints, as JITFunction.run (Triton 3.4 to 3.8) launches it after its own lookup.
 # Off until it has run on a GPU (Triton 3.6 there, 3.8 here).
 FAST_LAUNCH = False
 # The GPU tests set this: each direct launch first asks Triton which variant it would have
@@ -297,7 +298,7 @@ def _launch_variant(grid: tuple[int, int, int], kv_words: torch.Tensor, buffer: 
             and max(count, start, row_shift) < _INT32:
         device = torch.cuda.current_device()
         key = (device, shape, consts, num_regions, slot_words, kv_words.data_ptr() % 16 == 0,
-               buffer.data_ptr() % 16 == 0, table.data_ptr() % 16 == 0)
+               buffer.data_ptr() % 16 == 0, table.data_ptr() % 16 == 0, _knobs.runtime.debug)
         kernel = _compiled.get(key)
         if kernel is not None:
             if VERIFY_LAUNCH:
@@ -315,7 +316,12 @@ def _launch_variant(grid: tuple[int, int, int], kv_words: torch.Tensor, buffer: 
     kernel = _copy_pages_kernel[grid](kv_words, _buffer_words(buffer, shape.word), table, *ints,
                                       **_const_kwargs(consts), num_warps=shape.num_warps)
     if key is not None and kernel is not None:
-        _compiled[key] = kernel
+        _compiled[key] = _resolved(kernel)
+
+
+def _resolved(kernel: object) -> object:
+    # Triton's asynchronous compile mode hands out a future; JITFunction.run resolves it too.
+    return kernel.result() if hasattr(kernel, "result") else kernel
 
 
 def _const_kwargs(consts: tuple) -> dict[str, object]:
@@ -326,7 +332,7 @@ def _verify_variant(kernel: object, grid: tuple[int, int, int], kv_words: torch.
                     table: torch.Tensor, ints: tuple, shape: _Shape, consts: tuple) -> None:
     picked = _copy_pages_kernel.warmup(kv_words, _buffer_words(buffer, shape.word), table, *ints, grid=grid,
                                        **_const_kwargs(consts), num_warps=shape.num_warps)
-    if picked is not kernel:
+    if _resolved(picked) is not kernel:
         raise RuntimeError(f"direct launch keyed a kernel variant Triton would not pick (grid {grid}, ints {ints}, "
                            f"consts {consts}): the variant key misses something Triton specializes on")
 
