@@ -210,3 +210,14 @@ def test_direct_launch_passes_what_triton_binds(monkeypatch) -> None:
     assert dict(zip(fake.arg_names, args)) == dict(expected, buf_ptr=buffer)
     run(shifted, 0, 2)
     assert len(fake.bound) == 2 and len(triton_copy._compiled) == 2, "an 8-byte-aligned table reused a variant"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
+def test_the_launch_bench_imports_and_says_it_needs_a_gpu() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench" / "launch_cost.py"
+    run = subprocess.run([sys.executable, str(bench)], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "needs a CUDA device" in run.stderr
