@@ -38,14 +38,20 @@ def test_gather_in_ranges_matches_reference(layout: str, target, tuning: Tuning)
     table = triton_copy.block_table(kv, ids, pitch, to_kv=False, tuning=tuning)
     kv_before = raw_bytes(kv.regions[0].owner).clone()
     for first, count in ((0, 3), (3, 1)):  # two chunks through the same two-row window
-        window, whole, start = aligned_buffer(3 * pitch, target)
-        expected_whole = whole.clone()
-        expected = expected_whole[start : start + window.numel()]
-        triton_copy.launch_rows(table, first, count, window)
-        reference.gather_into_slots(kv, ids[first : first + count], expected, list(range(count)), pitch)
-        sync(device)
-        assert_same_bytes(whole, expected_whole, f"rows of [{first}, +{count}) with guards and padding")
+        gather_rows(kv, table, ids, pitch, first, count, target, rows=3)
     assert_same_bytes(raw_bytes(kv.regions[0].owner), kv_before, "KV cache after gathers")
+
+
+def gather_rows(kv, table, ids, pitch, first, count, target, rows: int | None = None) -> None:
+    """``launch_rows`` of ``[first, +count)`` into a fresh window of ``rows`` rows (``count`` if
+    None), bit for bit against the torch reference, guards and padding included."""
+    window, whole, start = aligned_buffer((rows or count) * pitch, target)
+    expected_whole = whole.clone()
+    expected = expected_whole[start : start + window.numel()]
+    triton_copy.launch_rows(table, first, count, window)
+    reference.gather_into_slots(kv, ids[first : first + count], expected, list(range(count)), pitch)
+    sync(target[0])
+    assert_same_bytes(whole, expected_whole, f"rows of [{first}, +{count}) with guards and padding")
 
 
 @pytest.mark.parametrize("layout", ["LBNHC", "BLHNC", "kv_first", "fp8_ds_mla"])

@@ -5,12 +5,16 @@ which variant it would pick and raises on a mismatch."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from pegaflow.kernels import reference, triton_copy
-from test_kernels import LAYOUTS, assert_same_bytes, clone_kv, raw_bytes, some_ids
-from test_kernels_block_table import aligned_buffer, pitch_for
+from test_kernels import LAYOUTS, assert_same_bytes, clone_kv, interpreter_only, raw_bytes, some_ids
+from test_kernels_block_table import aligned_buffer, gather_rows, pitch_for
 
 STAGING = ("cuda", "staging")
 
@@ -32,16 +36,6 @@ def fresh_variants(monkeypatch):
     return direct
 
 
-def gather_rows(kv, table, ids, pitch, first, count) -> None:
-    window, whole, start = aligned_buffer(count * pitch, STAGING)
-    expected_whole = whole.clone()
-    expected = expected_whole[start : start + window.numel()]
-    triton_copy.launch_rows(table, first, count, window)
-    reference.gather_into_slots(kv, ids[first : first + count], expected, list(range(count)), pitch)
-    torch.cuda.synchronize()
-    assert_same_bytes(whole, expected_whole, f"rows [{first}, +{count})")
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["LBNHC", "fp8_ds_mla"])
 def test_later_chunks_launch_directly_and_copy_bit_exact(layout: str, fresh_variants) -> None:
@@ -50,7 +44,7 @@ def test_later_chunks_launch_directly_and_copy_bit_exact(layout: str, fresh_vari
     pitch = pitch_for(kv.block_bytes)
     table = triton_copy.block_table(kv, ids, pitch, to_kv=False)
     for first, count in ((0, 2), (2, 3), (5, 1)):
-        gather_rows(kv, table, ids, pitch, first, count)
+        gather_rows(kv, table, ids, pitch, first, count, STAGING)
     assert len(triton_copy._compiled) == 1
     assert [grid[2] for grid in fresh_variants] == [3, 1]  # the first launch compiled or found the variant
 
@@ -91,7 +85,7 @@ def test_table_alignment_is_part_of_the_key(fresh_variants) -> None:
     shifted = triton_copy.block_table(kv, ids, pitch, to_kv=False, upload=at_offset(1))
     assert aligned.table.data_ptr() % 16 == 0 and shifted.table.data_ptr() % 16 == 8
     for table in (aligned, shifted, aligned, shifted):
-        gather_rows(kv, table, ids, pitch, 0, 4)
+        gather_rows(kv, table, ids, pitch, 0, 4, STAGING)
     assert len(triton_copy._compiled) == 2
     assert len(fresh_variants) == 2
 
@@ -104,26 +98,20 @@ def test_fast_launch_off_goes_through_triton(monkeypatch, fresh_variants) -> Non
     pitch = pitch_for(kv.block_bytes)
     table = triton_copy.block_table(kv, ids, pitch, to_kv=False)
     for first, count in ((0, 2), (2, 2)):
-        gather_rows(kv, table, ids, pitch, first, count)
+        gather_rows(kv, table, ids, pitch, first, count, STAGING)
     assert not triton_copy._compiled and not fresh_variants
 
 
+@interpreter_only
 def test_interpreter_never_keeps_variants(monkeypatch) -> None:
     """On the CPU (Triton's interpreter) every launch goes through the interpreter."""
-    if torch.cuda.is_available():
-        pytest.skip("the interpreter runs only without CUDA")
     monkeypatch.setattr(triton_copy, "_compiled", {})
     kv = LAYOUTS["LBNHC"]("cpu").regions
     ids = some_ids(kv.num_blocks, 3, seed=7)
     pitch = pitch_for(kv.block_bytes)
     table = triton_copy.block_table(kv, ids, pitch, to_kv=False)
     for first, count in ((0, 2), (2, 1)):
-        window, whole, start = aligned_buffer(count * pitch, ("cpu", "host"))
-        expected_whole = whole.clone()
-        triton_copy.launch_rows(table, first, count, window)
-        expected = expected_whole[start : start + window.numel()]
-        reference.gather_into_slots(kv, ids[first : first + count], expected, list(range(count)), pitch)
-        assert_same_bytes(whole, expected_whole, f"rows [{first}, +{count})")
+        gather_rows(kv, table, ids, pitch, first, count, ("cpu", "host"))
     assert not triton_copy._compiled
 
 
@@ -214,10 +202,6 @@ def test_direct_launch_passes_what_triton_binds(monkeypatch) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_the_launch_bench_imports_and_says_it_needs_a_gpu() -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
-
     bench = Path(__file__).resolve().parents[1] / "bench" / "launch_cost.py"
     run = subprocess.run([sys.executable, str(bench)], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "needs a CUDA device" in run.stderr
