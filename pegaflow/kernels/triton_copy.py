@@ -23,6 +23,11 @@ try:  # the launch hooks a direct launch passes on as JITFunction.run would
     from triton import knobs as _knobs
 except ImportError:  # Triton before 3.4 (its launcher took other arguments): no direct launches
     _knobs = None
+# The releases whose JITFunction.run launches as _launch_variant does (read in their source);
+# another release launches through JITFunction.run until someone has checked it.
+_DIRECT_LAUNCH_TRITON = ("3.4", "3.5", "3.6", "3.7", "3.8")
+if not triton.__version__.startswith(tuple(v + "." for v in _DIRECT_LAUNCH_TRITON)):
+    _knobs = None
 
 from pegaflow.kernels.regions import KVRegions, _storage_bytes_view
 from pegaflow.kernels.validate import CopyPlan, Ids, check_rows, plan_copy, plan_table
@@ -279,9 +284,10 @@ def _run_kernel(kv: KVRegions, shape: _Shape, table: torch.Tensor, count: int, f
 # kept under a key of everything Triton specializes these arguments on (the device, each
 # pointer's 16-byte alignment, the values of the ints that are specialized, the constexprs,
 # warps and debug; the word dtypes follow from the shape) and launched directly, pointers as
-# ints, as JITFunction.run (Triton 3.4 to 3.8) launches it after its own lookup.
-# Off until it has run on a GPU (Triton 3.6 there, 3.8 here).
-FAST_LAUNCH = False
+# ints, as JITFunction.run (Triton 3.4 to 3.8) launches it after its own lookup. On an H100
+# host it took one chunk's launch from 46.8 to 22.0 us (p50; bench/results/launch_cost-h100.json).
+# PEGAFLOW_FAST_LAUNCH=0 turns it off.
+FAST_LAUNCH = os.environ.get("PEGAFLOW_FAST_LAUNCH", "1") != "0"
 # The GPU tests set this: each direct launch first asks Triton which variant it would have
 # picked and raises if that is not the one the key found.
 VERIFY_LAUNCH = os.environ.get("PEGAFLOW_VERIFY_LAUNCH") == "1"
