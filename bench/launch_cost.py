@@ -54,6 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/launch_cost.py times kernel launches: it needs a CUDA device")
+    default_fast = triton_copy.FAST_LAUNCH
     triton_copy.VERIFY_LAUNCH = False
     cache = CONFIGS[args.config].build(4 * ROWS, "cuda")
     kv = cache.regions
@@ -66,7 +67,6 @@ def main() -> None:
     with torch.cuda.stream(stream):
         for direction, to_kv in (("gather", False), ("scatter", True)):
             table = triton_copy.block_table(kv, ids, pitch, to_kv=to_kv)
-            buffers = {fast: torch.empty(ROWS * pitch, dtype=torch.uint8, device="cuda") for fast in (False, True)}
             if to_kv:
                 source = torch.randint(0, 256, (ROWS * pitch,), dtype=torch.uint8, device="cuda")
                 results = {}
@@ -77,15 +77,17 @@ def main() -> None:
                     triton_copy.launch_rows(table, 0, ROWS, source)
                     results[fast] = raw.clone()
                 same = torch.equal(results[False], results[True]) and not torch.equal(results[True], before)
+                buffer = source
             else:
+                buffers = {fast: torch.empty(ROWS * pitch, dtype=torch.uint8, device="cuda") for fast in (False, True)}
                 for fast in (False, True, True):
                     triton_copy.FAST_LAUNCH = fast
                     triton_copy.launch_rows(table, 0, ROWS, buffers[fast])
                 same = torch.equal(buffers[False], buffers[True])
+                buffer = buffers[True]
             torch.cuda.synchronize()
             if not same:
                 sys.exit(f"{direction}: the direct launch's bytes differ from the JIT's")
-            buffer = buffers[True]
             times: dict[bool, list[float]] = {False: [], True: []}
             for _ in range(8):  # alternating rounds
                 for fast in (False, True):
@@ -102,7 +104,7 @@ def main() -> None:
                 Row(args.config, direction, "launch-direct-p90", True, round(p90[True], 1), "us",
                     ceiling=round(p90[False], 1)),
             ]
-    triton_copy.FAST_LAUNCH = False
+    triton_copy.FAST_LAUNCH = default_fast
     print_table(rows)
     write_json(args.json, "launch_cost", rows, {"variants_kept": len(triton_copy._compiled)})
 
