@@ -200,6 +200,14 @@ def test_direct_launch_passes_what_triton_binds(monkeypatch) -> None:
     assert len(fake.bound) == 2 and len(triton_copy._compiled) == 2, "an 8-byte-aligned table reused a variant"
 
 
+@pytest.mark.parametrize("version, supported", [
+    ("3.4.0", True), ("3.6.0", True), ("3.8.0+git5c9e54f", True), ("3.3.1", False), ("3.9.0", False),
+    ("3.10.0", False), ("4.0.0", False), ("2.3.1", False),
+])
+def test_direct_launches_only_on_checked_triton_releases(version: str, supported: bool) -> None:
+    assert triton_copy.direct_launch_supported(version) is supported
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 def test_the_launch_bench_imports_and_says_it_needs_a_gpu() -> None:
     bench = Path(__file__).resolve().parents[1] / "bench" / "launch_cost.py"

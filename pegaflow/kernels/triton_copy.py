@@ -23,14 +23,22 @@ try:  # the launch hooks a direct launch passes on as JITFunction.run would
     from triton import knobs as _knobs
 except ImportError:  # Triton before 3.4 (its launcher took other arguments): no direct launches
     _knobs = None
-# The releases whose JITFunction.run launches as _launch_variant does (read in their source);
-# another release launches through JITFunction.run until someone has checked it.
-_DIRECT_LAUNCH_TRITON = ("3.4", "3.5", "3.6", "3.7", "3.8")
-if not triton.__version__.startswith(tuple(v + "." for v in _DIRECT_LAUNCH_TRITON)):
-    _knobs = None
 
 from pegaflow.kernels.regions import KVRegions, _storage_bytes_view
 from pegaflow.kernels.validate import CopyPlan, Ids, check_rows, plan_copy, plan_table
+
+# The releases whose JITFunction.run launches as _launch_variant does (read in their source);
+# another release launches through JITFunction.run until someone has checked it.
+_DIRECT_LAUNCH_TRITON = ("3.4", "3.5", "3.6", "3.7", "3.8")
+
+
+def direct_launch_supported(version: str) -> bool:
+    """Whether Triton ``version`` (e.g. ``3.6.0``, ``3.8.0+git1234``) may take direct launches."""
+    return ".".join(version.split(".")[:2]) in _DIRECT_LAUNCH_TRITON
+
+
+if not direct_launch_supported(triton.__version__):
+    _knobs = None
 
 
 @dataclass(frozen=True)
